@@ -1,0 +1,347 @@
+"""Every flag of the project, declared once.
+
+Each flag is a field of one of four dataclasses:
+
+* ``DataConfig``   - how parquet rows become tensors (needed again by ``infer.py``);
+* ``ModelConfig``  - the architecture (needed again by ``infer.py`` to rebuild the model);
+* ``DecouplingConfig`` - the endogenous-decoupling losses (model side, also used by the
+  MovieLens benchmark);
+* ``TrainConfig``  - optimisation, paths and logging (training only).
+
+The command line (``build_parser``), ``train_config.json`` (``to_flat_dict``) and the strict
+rebuild in ``infer.py`` (``from_flat_dict``) are all generated from these fields, so a flag
+cannot be forgotten by one of them. A field's ``metadata`` holds its help text and, where
+needed, ``choices``, the ``--no_*`` twin of a boolean, or a ``env`` variable that overrides it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type, TypeVar
+
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+
+T = TypeVar("T")
+
+
+def flag(default: Any, help: str, choices: Optional[Iterable[Any]] = None,
+         negate: Optional[str] = None, env: Optional[str] = None) -> Any:
+    """Declares one CLI flag as a dataclass field.
+
+    Args:
+        default: the default value (its type is the field's annotation).
+        help: help text shown by ``--help``.
+        choices: allowed values, if restricted.
+        negate: for booleans, the name of the ``--no_*`` twin (default ``no_<name>`` with a
+            leading ``use_`` dropped).
+        env: an environment variable that overrides the CLI value when set.
+    """
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if negate is not None:
+        meta["negate"] = negate
+    if env is not None:
+        meta["env"] = env
+    return field(default=default, metadata=meta)
+
+
+DEFAULT_SEQ_MAX_LENS = "seq_a:256,seq_b:256,seq_c:512,seq_d:512"
+
+
+@dataclass
+class DataConfig:
+    """How rows are read and converted; recorded so that inference converts identically."""
+    seq_max_lens: str = flag(DEFAULT_SEQ_MAX_LENS,
+                             "per-domain history length kept, 'domain:len' comma list "
+                             "(unlisted domains keep 256)")
+    seq_keep: str = flag("recent", "which events a history keeps: 'recent' = the L most recent "
+                         "by timestamp, newest first (fix); 'first' = the first L as stored "
+                         "(the reference's head truncation)", choices=("recent", "first"))
+    use_user_activity_dense: bool = flag(True, "append user activity dense fids 900-915 "
+                                         "(history lengths and 1/3/5-day event counts over the "
+                                         "full history)")
+    time_zone_offset_hours: float = flag(0.0, "hours added to Unix time before deriving hour "
+                                         "and day of week (8 = UTC+8)")
+    user_abs_time_missing_as_padding: bool = flag(False, "user hour/dow ids are shifted by one "
+                                                  "and 0 marks a missing request timestamp")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. Every field is required again by infer.py to rebuild the model."""
+    d_model: int = flag(64, "backbone width D")
+    emb_dim: int = flag(64, "width of each embedding table E")
+    num_queries: int = flag(1, "queries per sequence domain")
+    num_hyformer_blocks: int = flag(2, "stacked HyFormer blocks")
+    num_heads: int = flag(4, "attention heads (d_model % num_heads == 0)")
+    seq_encoder_type: str = flag("transformer", "sequence encoder",
+                                 choices=("transformer", "swiglu", "longer"))
+    hidden_mult: int = flag(4, "FFN width multiplier")
+    dropout_rate: float = flag(0.01, "dropout; sequence id embeddings use twice this")
+    seq_top_k: int = flag(50, "most recent tokens kept by the 'longer' encoder")
+    seq_causal: bool = flag(False, "causal self-attention among the kept tokens ('longer')")
+    action_num: int = flag(1, "number of output logits")
+    use_time_buckets: bool = flag(True, "add time-bucket embeddings to sequence tokens",
+                                  negate="no_time_buckets")
+    rank_mixer_mode: str = flag("full", "RankMixer: 'full' needs d_model % T == 0",
+                                choices=("full", "ffn_only", "none"))
+    use_rope: bool = flag(False, "rotary position embedding in sequence attention")
+    rope_base: float = flag(10000.0, "RoPE base")
+    emb_skip_threshold: int = flag(0, "features with vocab > threshold get no table "
+                                   "(zero vectors); 0 = keep every table")
+    seq_id_threshold: int = flag(10000, "sequence features with vocab > threshold count as ids "
+                                 "and get extra embedding dropout")
+    ns_groups_json: str = flag(os.path.join(SCRIPT_DIR, "ns_groups.json"),
+                               "fid groups for the NS tokenizer; '' = one group per feature")
+    ns_tokenizer_type: str = flag("rankmixer", "NS tokenizer", choices=("group", "rankmixer"))
+    user_ns_tokens: int = flag(0, "RankMixer user NS tokens (0 = number of user groups)")
+    item_ns_tokens: int = flag(0, "RankMixer item NS tokens (0 = number of item groups)")
+    randomized_split: bool = flag(False, "RankMixer: split whole fids into tokens by a seeded "
+                                  "random permutation")
+    randomized_split_seed: int = flag(42, "seed of the randomized split (item uses seed+100003)")
+    use_abs_time_emb: bool = flag(False, "hour/day-of-week embeddings for the request and "
+                                  "every history event")
+    add_user_time_to_dense_tok: bool = flag(False, "also add the request hour/dow embedding to "
+                                            "the user dense token")
+    use_pair_62_66: bool = flag(False, "pool int fids 62-66 weighted by their paired dense "
+                                "values, and per-fid user dense heads")
+    pair_pooling: str = flag("mean", "pair 62-66 pooling: 'mean' = weights normalised to sum 1; "
+                             "'sum' = the reference's unnormalised weighted sum",
+                             choices=("mean", "sum"))
+    use_dense_cross_token: bool = flag(False, "extra NS token crossing user and item dense "
+                                       "features (adds 1 to T)")
+    dense_cross_user_fids: str = flag("61,87", "user dense fids of the dense cross token")
+    dense_cross_item_source: str = flag("user_dense", "item side of the dense cross token",
+                                        choices=("user_dense", "item_dense", "item_ns"))
+    dense_cross_item_fids: str = flag("89,90,91", "dense fids of the item side (ignored for "
+                                      "item_ns)")
+    dense_cross_dim: int = flag(0, "width of the dense cross (0 = d_model)")
+    use_target_attention: bool = flag(False, "DIN-style target-aware attention head")
+    use_ns_se_gate: bool = flag(False, "squeeze-and-excitation gate over NS tokens")
+    use_ns_self_attn: bool = flag(False, "NS token self-attention inside every block")
+    ns_self_attn_impl: str = flag("mha", "NS self-attention implementation",
+                                  choices=("mha", "autoint"))
+    ns_autoint_layers: int = flag(2, "AutoInt layers of the NS self-attention")
+    ns_autoint_heads: int = flag(0, "AutoInt heads (0 = num_heads)")
+    ns_autoint_gate_init: float = flag(0.05, "AutoInt residual gate init")
+    ns_autoint_activation: str = flag("relu", "AutoInt activation",
+                                      choices=("relu", "silu", "gelu"))
+    use_combined_autoint: bool = flag(False, "gated AutoInt over query + NS tokens per block")
+    combined_autoint_layers: int = flag(1, "combined AutoInt layers")
+    combined_autoint_heads: int = flag(0, "combined AutoInt heads (0 = num_heads)")
+    combined_autoint_dropout: float = flag(-1.0, "combined AutoInt dropout (<0 = dropout_rate)")
+    combined_autoint_gate_init: float = flag(0.0, "combined AutoInt gate init (0 = identity)")
+    combined_autoint_position: str = flag("pre_mixer", "where the combined AutoInt runs",
+                                          choices=("pre_mixer", "post_mixer"))
+    head_cross_layers: int = flag(0, "HeadCrossNet layers (0 = off)")
+    head_cross_init_scale: float = flag(0.01, "HeadCrossNet initial layer scale")
+    use_endogenous_decoupling: bool = flag(False, "decouple the target item (and, with "
+                                           "--decouple_user, the user) into atom and side "
+                                           "representations trained with self-supervised losses")
+
+
+@dataclass
+class DecouplingConfig:
+    """Endogenous decoupling (second seed); defaults are the tuning log's values."""
+    decouple_user: bool = flag(False, "also decouple the user (atom = user id-like fids)")
+    decouple_item_atom_fids: str = flag("16", "item fids forming the item atom (id-like)")
+    decouple_item_side_fids: str = flag("5,6,7,11", "item fids forming the item side "
+                                        "(category-like)")
+    decouple_user_atom_fids: str = flag("3,4", "user fids forming the user atom")
+    decouple_user_side_fids: str = flag("1,48,49,50", "user fids forming the user side")
+    decouple_dim: int = flag(64, "width of the atom/side representations")
+    decouple_temperature: float = flag(0.1, "temperature of the in-batch contrastive losses")
+    decouple_fake_neg_threshold: float = flag(0.99, "in-batch negatives with cosine above this "
+                                              "are masked as fake negatives")
+    decouple_stage1_margin: float = flag(0.5, "margin of the truncated cosine loss "
+                                         "max(0, margin - cos(atom, side))^2")
+    decouple_stage1_weight: float = flag(0.25, "weight of the truncated cosine (stage-1) loss")
+    decouple_side_weight: float = flag(1.0, "weight of the side self-supervised loss")
+    decouple_atom_weight: float = flag(1.0, "weight of the atom-orthogonal self-supervised loss")
+    decouple_loss_weight: float = flag(0.1, "weight of the summed decoupling losses in the "
+                                       "PCVR training loss")
+    decouple_ipw: bool = flag(False, "weight samples by atom/side similarity (batch-normalised, "
+                              "gradient stopped) in place of inverse propensity")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, paths and logging: training only, never needed to rebuild the model."""
+    data_dir: Optional[str] = flag(None, "folder of *.parquet (+ schema.json) or one parquet "
+                                   "file", env="TRAIN_DATA_PATH")
+    schema_path: Optional[str] = flag(None, "schema.json (default <data_dir>/schema.json)")
+    ckpt_dir: Optional[str] = flag(None, "checkpoint root", env="TRAIN_CKPT_PATH")
+    log_dir: Optional[str] = flag(None, "folder of train.log (default <ckpt_dir>/../logs)",
+                                  env="TRAIN_LOG_PATH")
+    tf_events_dir: Optional[str] = flag(None, "TensorBoard folder (default <log_dir>/events)",
+                                        env="TRAIN_TF_EVENTS_PATH")
+    batch_size: int = flag(256, "batch size for training, validation and inference")
+    lr: float = flag(1e-4, "AdamW learning rate (dense parameters)")
+    num_epochs: int = flag(6, "maximum number of epochs")
+    patience: int = flag(5, "stop after this many validations without a better AUC "
+                         "(0 = run every epoch)")
+    seed: int = flag(42, "random seed")
+    device: str = flag("auto", "device: auto (cuda when available), cpu, cuda or cuda:N")
+    num_workers: int = flag(16, "DataLoader workers (training, validation and inference)")
+    buffer_batches: int = flag(20, "shuffle buffer, in batches")
+    train_ratio: float = flag(1.0, "fraction of the training row groups to use (never moves "
+                              "rows into validation)")
+    valid_ratio: float = flag(0.1, "fraction of row groups (the tail) used for validation")
+    eval_every_n_steps: int = flag(0, "also validate every N steps (0 = at epoch end only)")
+    loss_type: str = flag("bce", "training loss", choices=("bce", "focal"))
+    focal_alpha: float = flag(0.1, "focal loss alpha")
+    focal_gamma: float = flag(2.0, "focal loss gamma")
+    grad_clip: float = flag(1.0, "max gradient norm over the dense parameters (0 = off)")
+    sparse_lr: float = flag(0.05, "Adagrad learning rate (embedding tables)")
+    sparse_weight_decay: float = flag(0.0, "Adagrad weight decay (embedding tables)")
+    reinit_sparse_after_epoch: int = flag(1, "re-initialise high-cardinality tables after "
+                                          "every epoch >= this one, except the last "
+                                          "(0 = never)")
+    reinit_cardinality_threshold: int = flag(0, "tables with vocab > threshold are "
+                                             "re-initialised; 0 re-initialises every feature "
+                                             "table")
+    ema_decay: float = flag(0.0, "EMA decay of the weights (0 = off)")
+    ema_start_epoch: int = flag(3, "1-based epoch at which the EMA starts")
+    use_bf16_train: bool = flag(False, "bf16 autocast for the training forward pass")
+    inference_dtype: str = flag("float32", "dtype for validation and inference",
+                                choices=("float32",))
+    experiment_name: str = flag("baseline", "recorded in train_config.json")
+
+
+SECTIONS: Tuple[type, ...] = (DataConfig, ModelConfig, DecouplingConfig, TrainConfig)
+# Sections that inference needs back from train_config.json, strictly.
+REBUILD_SECTIONS: Tuple[type, ...] = (DataConfig, ModelConfig, DecouplingConfig)
+
+
+@dataclass
+class Config:
+    """All sections together; ``cfg.model.d_model`` etc."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoupling: DecouplingConfig = field(default_factory=DecouplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTION_ATTR = {DataConfig: "data", ModelConfig: "model", DecouplingConfig: "decoupling",
+                 TrainConfig: "train"}
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    tp = hints[f.name]
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def add_section_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one argparse option per field of dataclass ``cls`` (booleans get a --no_* twin)."""
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
+    for f in dataclasses.fields(cls):
+        tp = _field_type(cls, f)
+        help_text = f.metadata.get("help", "")
+        if "env" in f.metadata:
+            help_text += f" (env {f.metadata['env']} overrides)"
+        if tp is bool:
+            neg = f.metadata.get("negate") or "no_" + (
+                f.name[len("use_"):] if f.name.startswith("use_") else f.name)
+            group.add_argument(f"--{f.name}", dest=f.name, action="store_true",
+                               default=f.default, help=f"{help_text} (default {f.default})")
+            group.add_argument(f"--{neg}", dest=f.name, action="store_false",
+                               help=f"turn off --{f.name}")
+        else:
+            group.add_argument(f"--{f.name}", dest=f.name, type=tp, default=f.default,
+                               choices=f.metadata.get("choices"),
+                               help=f"{help_text} (default {f.default!r})")
+
+
+def build_parser(sections: Iterable[type] = SECTIONS,
+                 description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    for cls in sections:
+        add_section_args(parser, cls)
+    return parser
+
+
+def section_from_namespace(cls: Type[T], ns: argparse.Namespace) -> T:
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def parse_config(argv: Optional[List[str]] = None,
+                 environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Parses the CLI; environment variables named by a field's ``env`` override it."""
+    ns = build_parser(description="Train the PCVR HyFormer model.").parse_args(argv)
+    environ = os.environ if environ is None else environ
+    for cls in SECTIONS:
+        for f in dataclasses.fields(cls):
+            var = f.metadata.get("env")
+            if var and environ.get(var):
+                setattr(ns, f.name, environ[var])
+    return Config(**{_SECTION_ATTR[c]: section_from_namespace(c, ns) for c in SECTIONS})
+
+
+def to_flat_dict(cfg: Config) -> Dict[str, Any]:
+    """One flat dict of every field of every section (the train_config.json layout)."""
+    out: Dict[str, Any] = {}
+    for cls in SECTIONS:
+        out.update(dataclasses.asdict(getattr(cfg, _SECTION_ATTR[cls])))
+    return out
+
+
+class ConfigError(ValueError):
+    """A train_config.json that cannot rebuild the model exactly."""
+
+
+def from_flat_dict(d: Mapping[str, Any], source: str = "train_config.json",
+                   sections: Iterable[type] = REBUILD_SECTIONS) -> Config:
+    """Rebuilds the sections inference needs, strictly.
+
+    Every field of ``sections`` must be present (a missing key is an error naming it), and
+    every key must be a known field of some section (an unknown key is an error too, since it
+    means the checkpoint came from a different version of the code). Training-only fields
+    are taken when present and defaulted otherwise.
+    """
+    sections = tuple(sections)
+    known = {f.name for c in SECTIONS for f in dataclasses.fields(c)} | DERIVED_KEYS
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; the checkpoint was written by "
+                          f"a different version of this code")
+    cfg = Config()
+    for cls in SECTIONS:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                kwargs[f.name] = d[f.name]
+            elif cls in sections:
+                raise ConfigError(f"{source}: missing key '{f.name}' "
+                                  f"({cls.__name__}); cannot rebuild the model strictly")
+        setattr(cfg, _SECTION_ATTR[cls], cls(**kwargs))
+    return cfg
+
+
+# Keys written to train_config.json that are derived, not flags (checked on load).
+DERIVED_KEYS = frozenset({"num_time_buckets"})
+
+
+def parse_int_list(text: str) -> List[int]:
+    """'61, 87' -> [61, 87]; '' -> []."""
+    return [int(x) for x in str(text).replace(" ", "").split(",") if x]
+
+
+def parse_seq_max_lens(text: str) -> Dict[str, int]:
+    """'seq_a:256,seq_b:256' -> {'seq_a': 256, 'seq_b': 256}; raises ValueError when malformed."""
+    out: Dict[str, int] = {}
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition(":")
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) <= 0:
+            raise ValueError(f"--seq_max_lens: bad entry {part!r}; expected 'domain:positive_int'")
+        out[name.strip()] = int(value)
+    return out
