@@ -25,11 +25,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from config import ConfigError, from_flat_dict
+from config import Config, ConfigError, from_flat_dict, parse_seq_max_lens
 from dataset import NUM_TIME_BUCKETS, DataStats, get_eval_loader
 from model import build_model, load_ns_groups
 from schema import load_schema
-from config import parse_seq_max_lens
 from trainer import Predictions, predict_loader, score_predictions
 from utils import atomic_write_json, create_logger, resolve_device
 
@@ -73,12 +72,13 @@ def find_weights(model_dir: str) -> str:
     raise FileNotFoundError(f"{model_dir}: expected model.pt (found {sorted(os.listdir(model_dir))})")
 
 
-def run_inference(model_dir: str, data_dir: str, result_dir: str,
-                  read_labels: bool = False) -> Predictions:
-    """Rebuilds the model from ``model_dir``, predicts every row of ``data_dir``, writes JSON."""
-    cfg, _ = load_checkpoint_config(model_dir)
+def load_model(model_dir: str, cfg: Config, data_dir: Optional[str] = None):
+    """Rebuilds the model of ``model_dir`` from ``cfg`` and loads its weights strictly.
+
+    Returns (model in float32 eval mode on the inference device, layout, device).
+    """
     schema_path = os.path.join(model_dir, "schema.json")
-    if not os.path.isfile(schema_path):
+    if not os.path.isfile(schema_path) and data_dir:
         schema_path = os.path.join(data_dir if os.path.isdir(data_dir)
                                    else os.path.dirname(data_dir), "schema.json")
     layout, _ = load_schema(schema_path, parse_seq_max_lens(cfg.data.seq_max_lens),
@@ -87,7 +87,6 @@ def run_inference(model_dir: str, data_dir: str, result_dir: str,
     if ns_path and os.path.isfile(os.path.join(model_dir, os.path.basename(ns_path))):
         ns_path = os.path.join(model_dir, os.path.basename(ns_path))
     ns_groups, _ = load_ns_groups(ns_path)
-    device = resolve_device("auto")
     model = build_model(layout, cfg.model, cfg.decoupling, ns_groups)
     state = torch.load(find_weights(model_dir), map_location="cpu", weights_only=True)
     try:
@@ -95,8 +94,15 @@ def run_inference(model_dir: str, data_dir: str, result_dir: str,
     except RuntimeError as exc:
         raise RuntimeError(f"{model_dir}: the weights do not match the model rebuilt from "
                            f"train_config.json: {exc}") from None
-    model = model.float().to(device).eval()
+    device = resolve_device("auto")
+    return model.float().to(device).eval(), layout, device
 
+
+def run_inference(model_dir: str, data_dir: str, result_dir: str,
+                  read_labels: bool = False) -> Predictions:
+    """Rebuilds the model from ``model_dir``, predicts every row of ``data_dir``, writes JSON."""
+    cfg, _ = load_checkpoint_config(model_dir)
+    model, layout, device = load_model(model_dir, cfg, data_dir)
     loader = get_eval_loader(data_dir, layout, cfg.data, batch_size=cfg.train.batch_size,
                              num_workers=cfg.train.num_workers, read_labels=read_labels)
     stats = DataStats(loader.stat_names) if hasattr(loader, "stat_names") else None
