@@ -1,0 +1,66 @@
+"""Inference throughput of the run.sh model (online-schema vocabularies), float32, end to end.
+
+    python3 benchmarks/bench_infer.py
+
+Builds the run.sh model, saves it as a platform checkpoint, then times ``infer.run_inference``
+on generated data with competition-like history lengths: reading parquet, conversion (in
+DataLoader workers), the float32 forward pass and writing ``predictions.json``.
+The last line is ``rows_per_s <x>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+from common import ROOT, ensure_online_data, peak_rss_gb, seed_flags
+
+import torch
+
+import infer
+from config import parse_config, parse_seq_max_lens
+from dataset import NUM_TIME_BUCKETS
+from model import build_model, load_ns_groups
+from schema import load_schema
+from trainer import save_checkpoint
+from utils import set_seed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--seq_len_scale", type=float, default=1.0)
+    args = parser.parse_args()
+
+    data_dir = ensure_online_data(rows=args.rows, seq_len_scale=args.seq_len_scale, seed=1)
+    cfg = parse_config(seed_flags() + ["--data_dir", data_dir, "--batch_size",
+                                       str(args.batch_size), "--num_workers",
+                                       str(args.num_workers)], environ={})
+    set_seed(0)
+    schema_path = os.path.join(data_dir, "schema.json")
+    layout, raw_schema = load_schema(schema_path, parse_seq_max_lens(cfg.data.seq_max_lens),
+                                     cfg.data.use_user_activity_dense)
+    ns_groups, ns_path = load_ns_groups(cfg.model.ns_groups_json)
+    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups)
+    with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".demo_data")) as tmp:
+        ckpt = os.path.join(tmp, "global_step0.bench")
+        save_checkpoint(ckpt, model.state_dict(), cfg, raw_schema, ns_path,
+                        {"num_time_buckets": NUM_TIME_BUCKETS})
+        del model
+        t0 = time.perf_counter()
+        pred = infer.run_inference(ckpt, data_dir, os.path.join(tmp, "out"))
+        elapsed = time.perf_counter() - t0
+        n = len(json.load(open(os.path.join(tmp, "out", "predictions.json")))["predictions"])
+    assert n == pred.user_id.size
+    print(f"{n} rows in {elapsed:.2f} s (model rebuild and load included), batch "
+          f"{args.batch_size}, {args.num_workers} workers, threads {torch.get_num_threads()}")
+    print(f"peak_rss_gb {peak_rss_gb():.2f}")
+    print(f"rows_per_s {n / elapsed:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Training throughput and peak memory of the run.sh model with the online schema's vocabularies.
+
+    python3 benchmarks/bench_train.py --batch_size 64
+
+Data: demo data generated with the online schema's real vocabulary sizes (about 240M
+embedding parameters) and competition-like history lengths, converted by the data pipeline
+once and held in memory, so that the figure is the training step alone (forward, backward,
+clipping, both optimiser steps); the data pipeline has its own benchmark (bench_data.py).
+The last two lines are ``samples_per_s <x>`` and ``peak_rss_gb <y>``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from common import ROOT, ensure_online_data, peak_rss_gb, seed_flags
+
+import torch
+
+from config import parse_config
+from dataset import NUM_TIME_BUCKETS, get_pcvr_data
+from model import build_model, load_ns_groups
+from trainer import Trainer
+from utils import count_params, set_seed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--seq_len_scale", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--extra", default="", help="extra train.py flags, quoted")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    n_batches = args.steps + args.warmup
+    data_dir = ensure_online_data(rows=max(512, args.batch_size * n_batches),
+                                  seq_len_scale=args.seq_len_scale)
+    cfg = parse_config(seed_flags() + ["--data_dir", data_dir, "--batch_size",
+                                       str(args.batch_size), "--num_workers", "0",
+                                       "--valid_ratio", "0", "--buffer_batches", "0",
+                                       "--ckpt_dir", os.path.join(ROOT, "outputs", "bench")]
+                       + args.extra.split(), environ={})
+    set_seed(0)
+    loader, _, layout, _ = get_pcvr_data(
+        data_dir=data_dir, schema_path=os.path.join(data_dir, "schema.json"), data_cfg=cfg.data,
+        batch_size=args.batch_size, num_workers=0, buffer_batches=0, train_ratio=1.0,
+        valid_ratio=0.0, seed=0)
+    batches = [b for b in loader if b["label"].numel() == args.batch_size]
+    while len(batches) < n_batches:  # reuse batches if the data is short
+        batches += batches
+    batches = batches[:n_batches]
+
+    ns_groups, _ = load_ns_groups(cfg.model.ns_groups_json)
+    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups)
+    trainer = Trainer(model, cfg, [], None, torch.device("cpu"), {}, None,
+                      {"num_time_buckets": NUM_TIME_BUCKETS})
+    print(f"model: {count_params(model.parameters()) / 1e6:.1f}M parameters "
+          f"({count_params(model.sparse_parameters()) / 1e6:.1f}M in embedding tables), "
+          f"bf16 autocast {trainer.use_bf16}, threads {torch.get_num_threads()}", flush=True)
+    for b in batches[:args.warmup]:
+        trainer.train_step(b)
+    times = []
+    for b in batches[args.warmup:]:
+        t0 = time.perf_counter()
+        trainer.train_step(b)
+        times.append(time.perf_counter() - t0)
+    total = sum(times)
+    print(f"step seconds: median {sorted(times)[len(times) // 2]:.3f}, "
+          f"min {min(times):.3f}, max {max(times):.3f} over {len(times)} steps")
+    print(f"samples_per_s {args.batch_size * len(times) / total:.2f}")
+    print(f"peak_rss_gb {peak_rss_gb():.2f}")
+
+
+if __name__ == "__main__":
+    main()
