@@ -153,7 +153,11 @@ class EntityDecoupler(nn.Module):
     """Atom and side encoders, each with its own projection MLP, plus the decoupling losses.
 
     The two MLPs are separate because sharing one projection hurt (tuning log, iteration 2).
-    Losses are computed in-batch on every call (training and evaluation alike).
+    Losses are computed in-batch on every call (training and evaluation alike). The
+    representations are shaped by the losses (sides spread uniformly, atoms around their
+    side), so a model should score them through its own head (e.g. an MLP over
+    ``concat(side, atom)``) rather than by a raw dot product: the log adds a separate ranking
+    MLP for the same reason.
 
     Args:
         atom_in: width of the atom input (e.g. concatenated id embeddings).
@@ -168,17 +172,22 @@ class EntityDecoupler(nn.Module):
         self.side_proj = projection_mlp(side_in, out_dim)
         self.cfg = cfg
 
-    def forward(self, atom_x: torch.Tensor, side_x: torch.Tensor) -> DecoupledOutput:
-        """``atom_x [B, atom_in]``, ``side_x [B, side_in]`` -> ``DecoupledOutput``."""
+    def forward(self, atom_x: torch.Tensor, side_x: torch.Tensor,
+                loss_rows: Optional[int] = None) -> DecoupledOutput:
+        """``atom_x [B, atom_in]``, ``side_x [B, side_in]`` -> ``DecoupledOutput``.
+
+        ``loss_rows``: compute the losses on the first ``loss_rows`` rows only (default all),
+        e.g. to leave out extra scored rows whose ``O(B^2)`` in-batch losses are not wanted.
+        """
         c = self.cfg
         atom = self.atom_proj(atom_x)
         side = self.side_proj(side_x)
+        a, s = atom[:loss_rows], side[:loss_rows]
         t, thr = c.decouple_temperature, c.decouple_fake_neg_threshold
         losses = {
-            "side_ssl": c.decouple_side_weight * contrastive_uniformity_loss(side, t, thr),
-            "stage1": c.decouple_stage1_weight * stage1_loss(atom, side,
-                                                             c.decouple_stage1_margin),
-            "atom_orth_ssl": c.decouple_atom_weight * atom_orth_ssl_loss(atom, side, t, thr),
+            "side_ssl": c.decouple_side_weight * contrastive_uniformity_loss(s, t, thr),
+            "stage1": c.decouple_stage1_weight * stage1_loss(a, s, c.decouple_stage1_margin),
+            "atom_orth_ssl": c.decouple_atom_weight * atom_orth_ssl_loss(a, s, t, thr),
         }
         weight = ipw_sample_weight(atom, side) if c.decouple_ipw else None
         return DecoupledOutput(atom, side, losses, weight)

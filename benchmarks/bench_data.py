@@ -1,0 +1,215 @@
+"""Data pipeline throughput against the cost of merely reading the parquet.
+
+    python3 benchmarks/bench_data.py [--rows 4096] [--event_order newest_first] [--workers 2]
+
+Data: the online schema (reference/schemas/online_schema.json) with competition-like history
+lengths (exponential, means a/b 300, c 500, d 2500, capped at 4000), cached under
+``.demo_data/``. Stages, each in its own process so that its peak RSS is its own:
+
+* ``ceiling``: pyarrow ``iter_batches`` over the same columns plus ``to_numpy`` of every
+  column's values and offsets, nothing else (one process, no threads, like the pipeline);
+* ``pipeline``: the training dataset (row-group shuffle + shuffle buffer) in one process;
+* ``eval``: the inference dataset (no shuffle) in one process;
+* ``workers``: the training DataLoader with ``--workers`` workers.
+
+The last line is ``ratio_to_ceiling <pipeline rows/s / ceiling rows/s>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from config import DataConfig  # noqa: E402
+from dataset import (PCVRDataset, list_parquet_files, make_loader, required_columns,  # noqa: E402
+                     scan_parquet)
+from schema import load_schema  # noqa: E402
+from config import parse_seq_max_lens  # noqa: E402
+
+ONLINE_SCHEMA = os.path.join(os.path.dirname(ROOT), "shared", "reference", "schemas",
+                             "online_schema.json")
+SEQ_MEANS = {"seq_a": 300, "seq_b": 300, "seq_c": 500, "seq_d": 2500}
+SEQ_CAP = 4000
+T0 = 1_772_700_000
+
+
+# ----------------------------------------------------------------------------- data
+# A private writer until demo_data.py lands (then: demo_data.generate(out, rows, seed, ...)).
+def _lists(lens: np.ndarray, values: np.ndarray) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _ids(rng: np.random.Generator, vocab: int, size: Any) -> np.ndarray:
+    """Ids in [1, vocab) with ~5 % -1 (missing), like the competition data."""
+    ids = rng.integers(1, max(vocab, 2), size=size, dtype=np.int64)
+    return np.where(rng.random(size) < 0.05, -1, ids)
+
+
+def _row_group(raw: Dict[str, Any], rows: int, rng: np.random.Generator,
+               event_order: str) -> pa.Table:
+    cols: Dict[str, pa.Array] = {
+        "user_id": pa.array(rng.integers(1, 1 << 40, rows)),
+        "item_id": pa.array(rng.integers(1, 1 << 30, rows)),
+        "label_type": pa.array(rng.choice([1, 2], rows, p=[0.904, 0.096]).astype(np.int32)),
+        "timestamp": pa.array(T0 + rng.integers(0, 10 * 86400, rows)),
+    }
+    pair_lens: Dict[int, np.ndarray] = {}
+    for group in ("user_int", "item_int"):
+        for fid, vocab, dim in raw[group]:
+            name = f"{group}_feats_{fid}"
+            if dim == 1:
+                cols[name] = pa.array(_ids(rng, vocab, rows))
+            else:
+                lens = pair_lens.setdefault(fid, rng.integers(0, dim + 1, rows))
+                cols[name] = _lists(lens, _ids(rng, vocab, int(lens.sum())))
+    for fid, dim in raw["user_dense"]:
+        lens = pair_lens.get(fid, np.full(rows, dim))
+        vals = rng.standard_normal(int(lens.sum())).astype(np.float32)
+        cols[f"user_dense_feats_{fid}"] = _lists(lens, vals)
+    for name, dom in sorted(raw["seq"].items()):
+        lens = np.minimum(rng.exponential(SEQ_MEANS[name], rows).astype(np.int64), SEQ_CAP)
+        total = int(lens.sum())
+        row = np.repeat(np.arange(rows), lens)
+        start = np.repeat(np.cumsum(lens) - lens, lens)
+        age = np.cumsum(rng.exponential(3 * 3600, total).astype(np.int64))
+        age -= np.repeat(np.concatenate([[0], age])[np.cumsum(lens) - lens], lens)
+        ts = cols["timestamp"].to_numpy()[row] - age  # newest first
+        j = np.arange(total) - start
+        if event_order == "oldest_first":
+            perm = start + np.repeat(lens, lens) - 1 - j
+        elif event_order == "unordered":
+            perm = np.lexsort((rng.random(total), row))
+        else:
+            perm = np.arange(total)
+        for fid, vocab in dom["features"]:
+            vals = ts if fid == dom["ts_fid"] else _ids(rng, min(vocab, 1 << 24), total)
+            cols[f"{dom['prefix']}_{fid}"] = _lists(lens, vals[perm])
+    return pa.table(cols)
+
+
+def ensure_data(rows: int, rows_per_group: int, event_order: str, seed: int) -> str:
+    """Writes (once) ``rows`` rows in row groups of ``rows_per_group``; returns the folder."""
+    out = os.path.join(ROOT, ".demo_data", f"bench_data_r{rows}_g{rows_per_group}_"
+                                           f"{event_order}_s{seed}")
+    path = os.path.join(out, "part-0.parquet")
+    if os.path.isfile(path):
+        return out
+    os.makedirs(out, exist_ok=True)
+    with open(ONLINE_SCHEMA, "r", encoding="utf-8") as fh:
+        raw = json.load(fh)
+    rng = np.random.default_rng(seed)
+    writer = None
+    for lo in range(0, rows, rows_per_group):
+        table = _row_group(raw, min(rows_per_group, rows - lo), rng, event_order)
+        writer = writer or pq.ParquetWriter(path + ".tmp", table.schema)
+        writer.write_table(table, row_group_size=rows_per_group)
+    writer.close()
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(out, "schema.json"), "w", encoding="utf-8") as fh:
+        json.dump(raw, fh)
+    return out
+
+
+# ----------------------------------------------------------------------------- stages
+def _peak_rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_stage(stage: str, data: str, batch_size: int, workers: int, passes: int,
+              buffer_batches: int) -> Dict[str, float]:
+    cfg = DataConfig()
+    layout, _ = load_schema(os.path.join(data, "schema.json"),
+                            parse_seq_max_lens(cfg.seq_max_lens), cfg.use_user_activity_dense)
+    files = list_parquet_files(data)
+    columns = required_columns(layout, read_labels=True)
+    units, _ = scan_parquet(files, columns)
+    rows = sum(u.num_rows for u in units)
+    if stage == "ceiling":
+        def one_pass() -> None:
+            for path in files:
+                pf = pq.ParquetFile(path)
+                for rb in pf.iter_batches(batch_size=batch_size, columns=list(columns),
+                                          use_threads=False):
+                    for arr in rb.columns:
+                        if pa.types.is_list(arr.type):
+                            arr.offsets.to_numpy()
+                            arr.values.to_numpy()
+                        else:
+                            arr.to_numpy()
+    else:
+        ds = PCVRDataset(units, layout, cfg, batch_size, shuffle=stage != "eval",
+                         buffer_batches=buffer_batches if stage != "eval" else 0)
+        loader = make_loader(ds, workers if stage == "workers" else 0, pin_memory=False)
+
+        def one_pass() -> None:
+            n = sum(int(b["label"].shape[0]) for b in loader)
+            assert n == rows, (n, rows)
+
+    one_pass()  # warm-up: page cache, allocator
+    t0 = time.perf_counter()
+    for epoch in range(passes):
+        if stage != "ceiling":
+            ds.set_epoch(epoch)
+        one_pass()
+    dt = time.perf_counter() - t0
+    return {"rows_per_s": rows * passes / dt, "ms_per_batch": 1e3 * dt / (passes * rows / batch_size),
+            "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+            "peak_worker_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN)}
+
+
+def main(argv: List[str] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--rows_per_group", type=int, default=512)
+    p.add_argument("--event_order", default="newest_first",
+                   choices=("newest_first", "oldest_first", "unordered"))
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--buffer_batches", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.stage is not None:  # child process: one stage, one JSON line
+        print(json.dumps(run_stage(a.stage, a.data, a.batch_size, a.workers, a.passes,
+                                   a.buffer_batches)))
+        return
+
+    t0 = time.perf_counter()
+    data = ensure_data(a.rows, a.rows_per_group, a.event_order, a.seed)
+    print(f"data {data} ({a.rows} rows, row groups of {a.rows_per_group}, {a.event_order}; "
+          f"ready in {time.perf_counter() - t0:.1f} s)", flush=True)
+    results = {}
+    for stage in ("ceiling", "pipeline", "eval", "workers"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--data", data,
+               "--batch_size", str(a.batch_size), "--workers", str(a.workers),
+               "--passes", str(a.passes), "--buffer_batches", str(a.buffer_batches)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        r = results[stage] = json.loads(out.strip().splitlines()[-1])
+        label = f"{stage} ({a.workers} workers)" if stage == "workers" else stage
+        print(f"{label:<22} {r['rows_per_s']:9.0f} rows/s  {r['ms_per_batch']:7.1f} ms/batch  "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB"
+              + (f" (largest worker {r['peak_worker_rss_mb']:.0f} MB)" if stage == "workers"
+                 else ""), flush=True)
+    ceiling = results["ceiling"]["rows_per_s"]
+    print(f"eval_ratio_to_ceiling {results['eval']['rows_per_s'] / ceiling:.3f}")
+    print(f"workers_ratio_to_ceiling {results['workers']['rows_per_s'] / ceiling:.3f}")
+    print(f"ratio_to_ceiling {results['pipeline']['rows_per_s'] / ceiling:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,910 @@
+"""Parquet rows -> batch tensors: streaming reader, vectorised conversion, split and loaders.
+
+Pipeline: ``scan_parquet`` checks every file's footer against the layout up front and lists
+its row groups; ``split_row_groups`` makes the train/validation split; ``PCVRDataset`` streams
+the row groups of its shard (``iter_batches``, only the needed columns, so memory stays
+bounded by a few batches), converts each Arrow record batch with ``BatchConverter`` and, when
+training, shuffles rows inside a buffer of ``buffer_batches`` batches. ``get_pcvr_data`` and
+``get_eval_loader`` build the DataLoaders.
+
+The conversion never loops over rows in Python: every list column is handled through its Arrow
+offsets and flattened values with numpy (gathers on index matrices, cumulative sums per row,
+one ``lexsort`` for the rows whose histories are stored in no time order).
+
+Batch dict (B rows; F_d side features and L_d kept events in domain d):
+
+=====================================  ========  ===============================================
+key                                    dtype     shape
+=====================================  ========  ===============================================
+user_int_feats / item_int_feats        int64     [B, layout.user_int_dim / item_int_dim]
+user_dense_feats / item_dense_feats    float32   [B, layout.user_dense_dim / item_dense_dim]
+label                                  float32   [B] (1.0 iff label_type == 2)
+timestamp, hour, dayofweek, user_id    int64     [B]
+{d}                                    int64     [B, F_d, L_d] (position 0 = newest event)
+{d}_len                                int64     [B]
+{d}_time_bucket, {d}_hour,             int64     [B, L_d] (0 = padding)
+{d}_dayofweek
+data_stats                             int64     [len(stat_names(layout))] repair counts
+=====================================  ========  ===============================================
+
+Fixes relative to the reference
+-------------------------------
+1. Histories keep the L **most recent** events by timestamp, newest first (position 0 = most
+   recent; ties keep stored order; events whose timestamp is missing or <= 0 count as the
+   oldest). The reference keeps the first L stored events, whatever their order
+   (``--seq_keep first`` still does that). Every side column of a domain is permuted with its
+   timestamp column; a domain without a timestamp column keeps stored order.
+2. Ids ``>= vocab_size`` map to the out-of-vocabulary id ``vocab_size`` (tables have
+   ``vocab_size + 1`` rows) instead of to padding 0, and are counted per column
+   (``oov/<column>`` in ``data_stats``); the reference counted them in worker copies that were
+   never reported. Ids <= 0, -1 and nulls are still 0; a vocab_size of 0 still zeroes the
+   feature (not counted).
+3. NaN and +-inf dense values become 0 and are counted per column (``nonfinite/<column>``);
+   a null element inside a list (which made the reference raise) is treated as missing (0).
+4. ``user_id`` is an int64 tensor permuted with its row by the shuffle buffer (the reference
+   kept the first buffered batch's Python list, so ids no longer matched rows).
+5. The user activity features 900-915 use the **full** stored history: 900-903 are
+   ``log1p`` of the full history length and the 1/3/5-day counts look at every stored event
+   (the reference used the truncated window, so the length saturated at ``log1p(L)`` and the
+   counts depended on the storage order). ``{d}_len`` stays the number of kept events.
+6. The 62-66 paired int/dense lists: a row whose int list and dense list differ in length is
+   truncated to the shorter of the two (both are then padded to the schema dim), so every id
+   keeps its own value, and counted (``len_mismatch/pair_<fid>``). Likewise a row whose
+   sequence columns differ in length inside one domain is counted
+   (``len_mismatch/<domain>``); its event count is the longest side column, as in the
+   reference, and missing entries are 0 (a missing timestamp sorts as oldest).
+7. A timestamp <= 0 inside a history is missing everywhere: time bucket, hour and day of week
+   are 0 (the reference gave negative timestamps a real bucket).
+8. Split: ``train_ratio < 1`` keeps the head fraction of the training row groups and never
+   moves rows into validation; with a single row group the last ``ceil(valid_ratio * rows)``
+   rows are validation (the reference trained on nothing); ``valid_ratio = 0`` means no
+   validation loader.
+9. Row-group order is reshuffled every epoch (seed + epoch, see ``set_epoch``) and rows are
+   shuffled across a buffer of ``buffer_batches`` batches that carries its remainder over, so
+   every batch but the last of a shard is full. Row groups are sharded over
+   (distributed rank, DataLoader worker), so every row is read exactly once per epoch;
+   validation and inference use the workers too. ``prefetch_factor`` is only passed with
+   workers.
+10. Only the columns the layout needs are read, and every file's schema is checked up front:
+    a missing column, a wrong Arrow type, an empty folder or an unreadable file is a
+    ``DataError`` naming the file, column and row group.
+
+Process-wide settings: importing this module changes nothing. A multi-worker loader moves
+~5 tensors per sequence domain per batch through shared memory; the default
+``file_descriptor`` sharing strategy keeps one descriptor open per tensor and can exhaust the
+descriptor limit with many workers, so the entry scripts (``train.py``) choose the
+``file_system`` strategy themselves.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
+                    Tuple, Union)
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from config import DataConfig, parse_seq_max_lens
+from schema import (ACTIVITY_DOMAINS, ACTIVITY_FIDS, ACTIVITY_WINDOWS_S, PAIR_FIDS, FeatureLayout,
+                    FeatureSpec, SeqDomainSpec, load_schema)
+
+# Upper edges (seconds) of the time-since-event buckets (pipeline_spec §1.5): 63 values.
+TIME_BUCKET_BOUNDARIES = np.array(
+    list(range(5, 61, 5)) + list(range(120, 601, 60)) + list(range(900, 3601, 300))
+    + list(range(5400, 21601, 1800)) + list(range(32400, 86401, 10800))
+    + list(range(172800, 604801, 86400)) + [1123200, 1641600, 2160000, 2592000]
+    + [4320000, 6048000, 7776000] + [11664000, 15552000] + [31536000], dtype=np.int64)
+# Bucket ids 1..63 for real events, 0 for padding / missing timestamps.
+NUM_TIME_BUCKETS = len(TIME_BUCKET_BOUNDARIES) + 1
+
+ID_COLUMNS = ("user_id", "timestamp")
+LABEL_COLUMN = "label_type"
+POSITIVE_LABEL_TYPE = 2
+
+_PAD = np.int64(1 << 40)  # event index of a padding position: never below a list length
+_WINDOWS = np.asarray(ACTIVITY_WINDOWS_S, dtype=np.int64)
+_FAR = np.int64(1 << 62)  # an age outside every activity window
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Parquet data that cannot be read as the schema describes; names file/column/row group."""
+
+
+# ----------------------------------------------------------------------------- repair counters
+def stat_names(layout: FeatureLayout) -> List[str]:
+    """Names of the ``data_stats`` counters of a batch, in order (the first is ``rows``)."""
+    names = ["rows"]
+    names += [f"oov/{s.column}" for s in layout.user_int + layout.item_int if s.vocab_size > 0]
+    names += [f"nonfinite/{s.column}" for s in layout.user_dense + layout.item_dense
+              if not _is_activity(layout, s)]
+    names += [f"len_mismatch/pair_{i.fid}" for i, _ in _pairs(layout)]
+    for d in layout.seq:
+        names += [f"oov/{s.column}" for s in d.side if s.vocab_size > 0]
+        names.append(f"len_mismatch/{d.name}")
+    return names
+
+
+class DataStats:
+    """Sums the ``data_stats`` counters of the batches of one pass (works across workers,
+    since the counts travel inside the batches).
+
+    Args:
+        names: ``stat_names(layout)``, e.g. ``info['stat_names']`` or ``loader.stat_names``.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.totals = np.zeros(len(self.names), dtype=np.int64)
+
+    def add(self, batch: Mapping[str, Any]) -> None:
+        self.totals += torch.as_tensor(batch["data_stats"]).cpu().numpy()
+
+    def reset(self) -> None:
+        self.totals[:] = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return {n: int(v) for n, v in zip(self.names, self.totals)}
+
+    def summary_lines(self) -> List[str]:
+        """One line with the row count, then one per kind of repair that happened."""
+        counts = self.as_dict()
+        lines = [f"{counts.pop('rows')} rows"]
+        by_kind: Dict[str, List[str]] = {}
+        for name, value in counts.items():
+            if value:
+                kind, _, column = name.partition("/")
+                by_kind.setdefault(kind, []).append(f"{column}={value}")
+        lines += [f"{kind}: {', '.join(items)}" for kind, items in by_kind.items()]
+        return lines
+
+
+# ----------------------------------------------------------------------------- files and types
+@dataclass(frozen=True)
+class RowGroupSlice:
+    """Rows ``[start, stop)`` of row group ``row_group`` of the parquet file ``path``."""
+    path: str
+    row_group: int
+    start: int
+    stop: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+def list_parquet_files(path: str) -> List[str]:
+    """A parquet file, or every ``*.parquet`` of a folder in sorted order."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such parquet file or folder")
+    files = sorted(glob.glob(os.path.join(path, "*.parquet")))
+    if not files:
+        raise DataError(f"{path}: the folder has no *.parquet file")
+    return files
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) and not pa.types.is_uint64(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+# kind -> (accepts an Arrow type, what to say when it does not)
+_KINDS = {
+    "scalar": (_is_int, "an integer scalar"),
+    "int": (lambda t: _is_int(t) or (_is_list(t) and _is_int(t.value_type)),
+            "an integer scalar or list<int>"),
+    "dense": (lambda t: _is_list(t) and pa.types.is_floating(t.value_type),
+              "list<float> or list<double>"),
+    "seq": (lambda t: _is_list(t) and _is_int(t.value_type), "list<int>"),
+}
+
+
+def required_columns(layout: FeatureLayout, read_labels: bool) -> Dict[str, str]:
+    """Column name -> kind (a key of ``_KINDS``) of every column the pipeline reads."""
+    cols = {c: "scalar" for c in ID_COLUMNS}
+    if read_labels:
+        cols[LABEL_COLUMN] = "scalar"
+    cols.update({s.column: "int" for s in layout.user_int + layout.item_int})
+    cols.update({s.column: "dense" for s in layout.user_dense + layout.item_dense
+                 if not _is_activity(layout, s)})
+    for d in layout.seq:
+        cols.update({s.column: "seq" for s in d.side})
+        if d.ts_column:
+            cols[d.ts_column] = "seq"
+    return cols
+
+
+def _open(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
+
+
+def scan_parquet(files: Sequence[str], columns: Mapping[str, str],
+                 optional: Mapping[str, str] = {}) -> Tuple[List[RowGroupSlice], List[str]]:
+    """Checks every file's footer (columns present, Arrow types) and lists its row groups.
+
+    Reads parquet metadata only. Empty row groups are skipped.
+
+    Args:
+        files: parquet paths.
+        columns: column -> kind (``required_columns``), required in every file.
+        optional: column -> kind, type-checked where present.
+    Returns:
+        (row groups in file order, the optional columns present in every file).
+    Raises:
+        DataError: naming the file and column of the first problem found.
+    """
+    units, present = [], set(optional)
+    for path in files:
+        pf = _open(path)
+        schema = pf.schema_arrow
+        for col, kind in {**optional, **columns}.items():
+            accepts, expected = _KINDS[kind]
+            idx = schema.get_field_index(col)
+            if idx < 0 and col in columns:
+                raise DataError(f"{path}: column '{col}' is missing (expected {expected})")
+            if idx < 0:
+                present.discard(col)
+            elif not accepts(schema.field(idx).type):
+                raise DataError(f"{path}: column '{col}' has Arrow type "
+                                f"{schema.field(idx).type}, expected {expected}")
+        meta = pf.metadata
+        units += [RowGroupSlice(path, rg, 0, meta.row_group(rg).num_rows)
+                  for rg in range(meta.num_row_groups) if meta.row_group(rg).num_rows > 0]
+    return units, sorted(present)
+
+
+def split_row_groups(units: Sequence[RowGroupSlice], train_ratio: float, valid_ratio: float
+                     ) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
+    """(train, valid): the tail row groups are validation.
+
+    ``n_valid = max(1, int(n * valid_ratio))`` row groups; with a single row group the last
+    ``ceil(valid_ratio * rows)`` rows instead. ``train_ratio < 1`` keeps the head fraction of
+    the training row groups (of the training rows when there is one) and drops the rest.
+    """
+    if not 0.0 < train_ratio <= 1.0:
+        raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
+    if not 0.0 <= valid_ratio < 1.0:
+        raise ValueError(f"valid_ratio must be in [0, 1), got {valid_ratio}")
+    if not units:
+        raise DataError("the parquet files hold no rows")
+    train, valid = list(units), []
+    if valid_ratio > 0 and len(units) == 1:
+        train, valid = _split_rows(units[0], math.ceil(valid_ratio * units[0].num_rows))
+    elif valid_ratio > 0:
+        n_valid = max(1, int(len(units) * valid_ratio))
+        train, valid = train[:-n_valid], train[-n_valid:]
+    if train_ratio < 1.0:
+        if len(train) == 1:
+            keep = max(1, int(train[0].num_rows * train_ratio))
+            train = _split_rows(train[0], train[0].num_rows - keep)[:1]
+        else:
+            train = train[:max(1, int(len(train) * train_ratio))]
+    return train, valid
+
+
+def _split_rows(unit: RowGroupSlice, n_tail: int) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
+    """([head], [tail]) of one row group, the tail holding ``n_tail`` rows."""
+    if n_tail >= unit.num_rows:
+        raise DataError(f"{unit.path}: row group {unit.row_group} has {unit.num_rows} rows, too "
+                        f"few to keep {n_tail} for validation and still train")
+    cut = unit.stop - n_tail
+    return [RowGroupSlice(unit.path, unit.row_group, unit.start, cut)], \
+        [RowGroupSlice(unit.path, unit.row_group, cut, unit.stop)]
+
+
+# ----------------------------------------------------------------------------- conversion
+class _Ragged(NamedTuple):
+    """A column as per-row segments of a flat value array (a scalar is a list of length 1)."""
+    starts: np.ndarray  # int64 [B]
+    lens: np.ndarray    # int64 [B], 0 for null rows
+    values: np.ndarray  # [N], nested nulls set to 0
+
+
+def _ragged(arr: pa.Array) -> _Ragged:
+    if _is_list(arr.type):
+        offsets = arr.offsets.to_numpy().astype(np.int64)
+        starts, lens = offsets[:-1], np.diff(offsets)
+        values = arr.values  # ignores the slice offset, as ``arr.offsets`` expects
+    else:
+        starts, lens, values = np.arange(len(arr), dtype=np.int64), np.ones(len(arr), np.int64), arr
+    if arr.null_count:  # a null row may still span child values: make it empty
+        lens = lens * arr.is_valid().to_numpy(zero_copy_only=False)
+    if values.null_count:
+        values = pc.fill_null(values, 0)
+    return _Ragged(starts, lens, values.to_numpy(zero_copy_only=False))
+
+
+def _positions(r: _Ragged, idx: np.ndarray, scratch: Optional[_Scratch] = None,
+               name: str = "") -> Tuple[np.ndarray, np.ndarray]:
+    """(mask [B, W], flat positions [B, W]) of event ``idx[b, j]`` of each row of ``r``.
+
+    ``idx`` is [B, W] or [1, W]; ``mask`` is ``idx < lens``; masked-out positions are clamped
+    into range, so they can be gathered and then zeroed. With ``scratch`` the two arrays are
+    its ``name/pos`` and ``name/mask`` work arrays.
+    """
+    shape = (r.starts.size, idx.shape[1])
+    pos = scratch(name + "/pos", shape, np.int64) if scratch else np.empty(shape, np.int64)
+    mask = scratch(name + "/mask", shape, np.bool_) if scratch else np.empty(shape, np.bool_)
+    np.add(r.starts[:, None], idx, out=pos)
+    np.minimum(pos, max(r.values.size - 1, 0), out=pos)
+    np.less(idx, r.lens[:, None], out=mask)
+    return mask, pos
+
+
+def _take(values: np.ndarray, mask: np.ndarray, pos: np.ndarray, dtype: type,
+          out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``values[pos]`` where ``mask`` else 0, as ``dtype`` (integer values only), into ``out``
+    when given."""
+    if out is None:
+        out = np.empty(mask.shape, dtype)
+    if not values.size:
+        out[...] = 0
+        return out
+    if values.dtype == out.dtype:
+        values.take(pos, out=out, mode="clip")  # positions are in range already
+    else:
+        out[...] = values.take(pos)
+    out *= mask
+    return out
+
+
+class _Scratch:
+    """Work arrays reused from batch to batch: fresh [B, L] temporaries cost more (memory
+    traffic, page faults) than the arithmetic done on them."""
+
+    def __init__(self) -> None:
+        self._arrays: Dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, shape: Tuple[int, ...], dtype: type) -> np.ndarray:
+        """An uninitialised ``shape`` array (a view of a kept one with at least as many rows)."""
+        a = self._arrays.get(name)
+        if a is None or a.shape[0] < shape[0] or a.shape[1:] != shape[1:] or a.dtype != dtype:
+            a = self._arrays[name] = np.empty(shape, dtype)
+        return a[:shape[0]]
+
+
+def _flat_events(r: _Ragged, n: np.ndarray) -> np.ndarray:
+    """Row segments of ``r`` cut or zero-padded to lengths ``n``, concatenated: [sum(n)]."""
+    seg = np.cumsum(n) - n
+    start = r.starts[0] if n.size else 0
+    if np.array_equal(r.lens, n) and np.array_equal(r.starts, start + seg):
+        return r.values[start:start + int(n.sum())]  # already contiguous: a view
+    rows = np.repeat(np.arange(n.size), n)
+    j = np.arange(rows.size, dtype=np.int64) - seg[rows]
+    pos = np.minimum(r.starts[rows] + j, max(r.values.size - 1, 0))
+    return _take(r.values, j < r.lens[rows], pos, r.values.dtype)
+
+
+def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
+    """Event indices of the ``max_len`` most recent events per row, newest first.
+
+    Ties keep stored order. Rows already newest first (non-increasing keys) or strictly
+    oldest first are handled without sorting; the rest share one ``lexsort``.
+
+    Args:
+        key: int64 [sum(n)], every row's event timestamps in stored order (0 = missing).
+        n: int64 [B], events per row.
+        max_len: L.
+    Returns:
+        int64 [B, L]: stored event index per kept position, ``_PAD`` after the last one.
+    """
+    pos = np.arange(max_len, dtype=np.int64)
+    pad = pos >= np.minimum(n, max_len)[:, None]
+    idx = pos + pad * _PAD
+    later = np.flatnonzero(key[1:] > key[:-1]) + 1  # events newer than their predecessor
+    if not later.size:
+        return idx
+    ends = np.cumsum(n)
+    row = np.searchsorted(ends, later, side="right")
+    inside = later != ends[row] - n[row]  # a row's first event has no predecessor
+    n_rise = np.bincount(row[inside], minlength=n.size)
+    reverse = (n_rise > 0) & (n_rise == n - 1)  # strictly oldest first
+    idx[reverse] = n[reverse, None] - 1 - pos + pad[reverse] * _PAD
+    rows = np.flatnonzero((n_rise > 0) & ~reverse)
+    if rows.size:
+        n_o = n[rows]
+        row_of = np.repeat(rows, n_o)
+        j = np.arange(int(n_o.sum()), dtype=np.int64) - np.repeat(np.cumsum(n_o) - n_o, n_o)
+        order = np.lexsort((-key[(ends - n)[row_of] + j], row_of))  # by row, newest first
+        sel = j < max_len  # rank within the row equals j: rows keep their segment layout
+        idx[row_of[sel], j[sel]] = j[order[sel]]
+    return idx
+
+
+def _hour_dow(ts: np.ndarray, offset_s: int, out: Optional[Tuple[np.ndarray, np.ndarray]] = None
+              ) -> Tuple[np.ndarray, np.ndarray]:
+    """Hour 0..23 and day of week 0..6 (Monday = 0) of Unix seconds shifted by ``offset_s``,
+    into the two int64 arrays ``out`` when given."""
+    hour, day = out if out is not None else (np.empty_like(ts), np.empty_like(ts))
+    np.add(ts, offset_s, out=hour)
+    np.floor_divide(hour, 86400, out=day)
+    np.remainder(hour, 86400, out=hour)
+    hour //= 3600
+    day += 3  # 1970-01-01 was a Thursday
+    day %= 7
+    return hour, day
+
+
+def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.ndarray:
+    """int64 [B, 3]: per row, events with 0 < ts_row - key <= 1, 3, 5 days (key 0 = missing)."""
+    age = np.repeat(ts_row, n) - key
+    hits = np.flatnonzero((age > 0) & (age <= _WINDOWS[-1]) & (key > 0))
+    row = np.searchsorted(np.cumsum(n), hits, side="right")
+    window = np.searchsorted(_WINDOWS, age[hits])  # 0: <= 1 d, 1: <= 3 d, 2: <= 5 d
+    counts = np.bincount(row * 3 + window, minlength=3 * n.size).reshape(n.size, 3)
+    return np.cumsum(counts, axis=1)
+
+
+def _is_activity(layout: FeatureLayout, spec: FeatureSpec) -> bool:
+    return layout.has_activity and spec.fid in ACTIVITY_FIDS
+
+
+def _pairs(layout: FeatureLayout) -> List[Tuple[FeatureSpec, FeatureSpec]]:
+    """(int, dense) specs of the 62-66 fids present in both user groups."""
+    ints = {s.fid: s for s in layout.user_int}
+    dense = {s.fid: s for s in layout.user_dense}
+    return [(ints[f], dense[f]) for f in PAIR_FIDS if f in ints and f in dense]
+
+
+Rows = Union[slice, np.ndarray]
+
+
+class BatchConverter:
+    """Converts Arrow record batches into the batch dict of numpy arrays (module docstring).
+
+    ``converter(rb)`` returns a new batch; ``converter(rb, out, rows)`` writes the rows of
+    ``rb`` into rows ``rows`` of the arrays of ``allocate(n)`` (how the shuffle buffer is
+    filled without a second copy) and adds to ``out['data_stats']``.
+
+    Args:
+        layout: the feature layout (``schema.load_schema``).
+        data_cfg: conversion flags (``seq_keep``, time zone, missing-time padding).
+        read_labels: read ``label_type``; otherwise ``label`` is all 0.
+    """
+
+    def __init__(self, layout: FeatureLayout, data_cfg: DataConfig, read_labels: bool) -> None:
+        if data_cfg.seq_keep not in ("recent", "first"):
+            raise ValueError(f"seq_keep must be 'recent' or 'first', got {data_cfg.seq_keep!r}")
+        self.layout = layout
+        self.keep_recent = data_cfg.seq_keep == "recent"
+        self.offset_s = int(round(float(data_cfg.time_zone_offset_hours) * 3600))
+        self.missing_as_padding = bool(data_cfg.user_abs_time_missing_as_padding)
+        self.read_labels = read_labels
+        self.columns = required_columns(layout, read_labels)
+        self.stat_names = stat_names(layout)
+        self._stat = {name: k for k, name in enumerate(self.stat_names)}
+        self._pairs = _pairs(layout)
+        self._activity = {s.fid: s.offset for s in layout.user_dense if _is_activity(layout, s)}
+        self._scratch = _Scratch()
+
+    def allocate(self, n_rows: int) -> Dict[str, np.ndarray]:
+        """Zeroed arrays of every batch key for ``n_rows`` rows."""
+        lay, i64 = self.layout, np.int64
+        shapes: Dict[str, Tuple[Tuple[int, ...], type]] = {
+            "user_int_feats": ((lay.user_int_dim,), i64),
+            "item_int_feats": ((lay.item_int_dim,), i64),
+            "user_dense_feats": ((lay.user_dense_dim,), np.float32),
+            "item_dense_feats": ((lay.item_dense_dim,), np.float32),
+            "label": ((), np.float32),
+            "timestamp": ((), i64), "hour": ((), i64), "dayofweek": ((), i64),
+            "user_id": ((), i64),
+        }
+        for d in lay.seq:
+            shapes[d.name] = ((len(d.side), d.max_len), i64)
+            shapes[f"{d.name}_len"] = ((), i64)
+            for suffix in ("_time_bucket", "_hour", "_dayofweek"):
+                shapes[d.name + suffix] = ((d.max_len,), i64)
+        out = {k: np.zeros((n_rows,) + shape, dtype) for k, (shape, dtype) in shapes.items()}
+        out["data_stats"] = np.zeros(len(self.stat_names), dtype=i64)
+        return out
+
+    def __call__(self, rb: pa.RecordBatch, out: Optional[Dict[str, np.ndarray]] = None,
+                 rows: Rows = slice(None)) -> Dict[str, np.ndarray]:
+        if out is None:
+            out = self.allocate(rb.num_rows)
+        stats = out["data_stats"]
+        stats[0] += rb.num_rows
+        cols = {name: _ragged(rb.column(name)) for name in self.columns}
+        for i, d in self._pairs:  # cut both lists of a pair to the shorter one
+            li, ld = cols[i.column].lens, cols[d.column].lens
+            stats[self._stat[f"len_mismatch/pair_{i.fid}"]] += np.count_nonzero(li != ld)
+            short = np.minimum(li, ld)
+            cols[i.column] = cols[i.column]._replace(lens=short)
+            cols[d.column] = cols[d.column]._replace(lens=short)
+
+        ts = cols["timestamp"].values.astype(np.int64)
+        hour, dow = _hour_dow(ts, self.offset_s)
+        if self.missing_as_padding:
+            hour, dow = (hour + 1) * (ts > 0), (dow + 1) * (ts > 0)
+        out["timestamp"][rows] = ts
+        out["hour"][rows] = hour
+        out["dayofweek"][rows] = dow
+        out["user_id"][rows] = cols["user_id"].values
+        if self.read_labels:  # otherwise label stays 0
+            out["label"][rows] = cols[LABEL_COLUMN].values == POSITIVE_LABEL_TYPE
+        lay = self.layout
+        self._int_group(lay.user_int, cols, out["user_int_feats"], rows, stats)
+        self._int_group(lay.item_int, cols, out["item_int_feats"], rows, stats)
+        dense = np.zeros((rb.num_rows, lay.user_dense_dim), dtype=np.float32)
+        self._dense_group(lay.user_dense, cols, dense, stats)
+        for d in lay.seq:
+            self._domain(d, cols, ts, out, rows, stats, dense)
+        out["user_dense_feats"][rows] = dense
+        item_dense = np.zeros((rb.num_rows, lay.item_dense_dim), dtype=np.float32)
+        self._dense_group(lay.item_dense, cols, item_dense, stats)
+        out["item_dense_feats"][rows] = item_dense
+        return out
+
+    def _clip_ids(self, ids: np.ndarray, spec: FeatureSpec, stats: np.ndarray) -> None:
+        """In place: ids <= 0 -> 0, ids >= vocab -> vocab (the OOV id, counted)."""
+        np.clip(ids, 0, spec.vocab_size, out=ids)
+        if ids.size and ids.max() == spec.vocab_size:  # count only when there is one
+            stats[self._stat[f"oov/{spec.column}"]] += np.count_nonzero(ids == spec.vocab_size)
+
+    def _int_group(self, specs: Sequence[FeatureSpec], cols: Mapping[str, _Ragged],
+                   out: np.ndarray, rows: Rows, stats: np.ndarray) -> None:
+        for s in specs:
+            if s.vocab_size == 0:  # no vocabulary: the feature stays 0
+                continue
+            r = cols[s.column]
+            ids = _take(r.values, *_positions(r, np.arange(s.length)[None, :]), np.int64)
+            self._clip_ids(ids, s, stats)
+            out[rows, s.offset:s.offset + s.length] = ids
+
+    def _dense_group(self, specs: Sequence[FeatureSpec], cols: Mapping[str, _Ragged],
+                     out: np.ndarray, stats: np.ndarray) -> None:
+        for s in specs:
+            if _is_activity(self.layout, s):  # written by _domain
+                continue
+            r = cols[s.column]
+            mask, pos = _positions(r, np.arange(s.length)[None, :])
+            if not r.values.size:  # every row empty: the feature stays 0
+                continue
+            x = r.values.take(pos).astype(np.float32, copy=False)
+            ok = mask & np.isfinite(x)
+            stats[self._stat[f"nonfinite/{s.column}"]] += np.count_nonzero(mask) - \
+                np.count_nonzero(ok)
+            out[:, s.offset:s.offset + s.length] = np.where(ok, x, np.float32(0))
+
+    def _domain(self, d: SeqDomainSpec, cols: Mapping[str, _Ragged], ts_row: np.ndarray,
+                out: Dict[str, np.ndarray], rows: Rows, stats: np.ndarray,
+                dense: np.ndarray) -> None:
+        """Writes ``d``, ``d_len``, ``d_time_bucket``, ``d_hour``, ``d_dayofweek`` and, for
+        seq_a..seq_d, the activity features of ``d`` into ``dense``."""
+        sides = [cols[s.column] for s in d.side]
+        ts_col = cols[d.ts_column] if d.ts_column else None
+        n = np.max([r.lens for r in sides], axis=0)  # events per row: the longest side column
+        lens = [r.lens for r in sides] + ([ts_col.lens] if ts_col is not None else [])
+        stats[self._stat[f"len_mismatch/{d.name}"]] += np.count_nonzero(
+            np.any([x != n for x in lens], axis=0))
+        L = d.max_len
+        activity = self.layout.has_activity and d.name in ACTIVITY_DOMAINS
+        key = None
+        if ts_col is not None and (self.keep_recent or activity):
+            # Missing or <= 0 timestamps become 0: the oldest, and outside every window.
+            key = np.maximum(_flat_events(ts_col, n), 0).astype(np.int64, copy=False)
+        if key is not None and self.keep_recent:
+            idx = recent_order(key, n, L)
+        else:
+            idx = np.arange(L, dtype=np.int64)[None, :]
+
+        shape, scratch = (n.size, L), self._scratch
+        cache: List[Tuple[_Ragged, Tuple[np.ndarray, np.ndarray]]] = []
+
+        def where(r: _Ragged) -> Tuple[np.ndarray, np.ndarray]:
+            """Positions of ``r``; shared by the columns with the same offsets (the rule)."""
+            for prev, found in cache:
+                if np.array_equal(prev.starts, r.starts) and np.array_equal(prev.lens, r.lens):
+                    return found
+            cache.append((r, _positions(r, idx, scratch, f"{d.name}/{len(cache)}")))
+            return cache[-1][1]
+
+        seq, ids = out[d.name], scratch(f"{d.name}/a", shape, np.int64)
+        for s, r in zip(d.side, sides):
+            if s.vocab_size == 0:  # no vocabulary: the feature stays 0
+                continue
+            _take(r.values, *where(r), np.int64, out=ids)
+            self._clip_ids(ids, s, stats)
+            seq[rows, s.offset] = ids
+        out[f"{d.name}_len"][rows] = np.minimum(n, L)
+
+        if ts_col is not None:  # else time bucket, hour and day of week stay 0
+            ts = _take(ts_col.values, *where(ts_col), np.int64, out=scratch(f"{d.name}/b", shape,
+                                                                             np.int64))
+            valid = np.greater(ts, 0, out=scratch(f"{d.name}/valid", shape, np.bool_))
+            work = np.subtract(ts_row[:, None], ts, out=ids)
+            np.maximum(work, 0, out=work)
+            bucket = np.searchsorted(TIME_BUCKET_BOUNDARIES, work)
+            np.minimum(bucket, NUM_TIME_BUCKETS - 2, out=bucket)
+            bucket += 1
+            bucket *= valid
+            out[f"{d.name}_time_bucket"][rows] = bucket
+            hour, dow = _hour_dow(ts, self.offset_s, out=(work, bucket))
+            hour += 1
+            hour *= valid
+            out[f"{d.name}_hour"][rows] = hour
+            dow += 1
+            dow *= valid
+            out[f"{d.name}_dayofweek"][rows] = dow
+
+        if activity:
+            k = ACTIVITY_DOMAINS.index(d.name)
+            dense[:, self._activity[ACTIVITY_FIDS[k]]] = np.log1p(n)
+            if key is not None:
+                counts = np.log1p(_window_counts(key, n, ts_row))
+                for w in range(3):
+                    dense[:, self._activity[ACTIVITY_FIDS[4 + 3 * k + w]]] = counts[:, w]
+
+
+# ----------------------------------------------------------------------------- dataset
+def _shard_of_process() -> Tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class PCVRDataset(IterableDataset):
+    """Streams converted batches from a list of row-group slices.
+
+    Each (distributed rank, DataLoader worker) reads every ``n_shards``-th row group of the
+    epoch's order, so every row is read once per epoch. With ``shuffle`` the row-group order
+    is a permutation seeded by ``seed + epoch``, and with ``buffer_batches > 0`` the rows of
+    ``buffer_batches`` consecutive batches are converted straight into random rows of one
+    buffer, which is then cut into batches (every batch of a shard is full but its last).
+
+    Args:
+        units: row-group slices to read.
+        layout: the feature layout.
+        data_cfg: conversion flags.
+        batch_size: rows per batch (without shuffle, the last batch of a row group may be
+            shorter).
+        shuffle: shuffle row groups and rows (training).
+        buffer_batches: shuffle buffer size in batches (0 = row groups shuffled, rows not).
+        seed: base seed.
+        read_labels: read ``label_type``.
+    """
+
+    def __init__(self, units: Sequence[RowGroupSlice], layout: FeatureLayout,
+                 data_cfg: DataConfig, batch_size: int, shuffle: bool = False,
+                 buffer_batches: int = 0, seed: int = 0, read_labels: bool = True) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.units = list(units)
+        self.layout = layout
+        self.converter = BatchConverter(layout, data_cfg, read_labels)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.buffer_batches = max(0, int(buffer_batches))
+        self.seed = seed
+        self.epoch = 0
+        # Captured here, in the main process: a spawned worker would not see the process group.
+        self.rank, self.world = _shard_of_process()
+
+    @property
+    def stat_names(self) -> List[str]:
+        return self.converter.stat_names
+
+    @property
+    def num_rows(self) -> int:
+        return sum(u.num_rows for u in self.units)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch's row-group order; takes effect at the next ``iter(loader)``
+        (the loaders' workers are not persistent, so they start from this state)."""
+        self.epoch = int(epoch)
+
+    def epoch_units(self) -> List[RowGroupSlice]:
+        """All row-group slices in this epoch's reading order (before sharding)."""
+        if not self.shuffle:
+            return list(self.units)
+        perm = np.random.default_rng(self.seed + self.epoch).permutation(len(self.units))
+        return [self.units[k] for k in perm]
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard, n_shards = self.rank * n_workers + worker, self.world * n_workers
+        units = self.epoch_units()[shard::n_shards]
+        if self.shuffle and self.buffer_batches > 0:
+            rng = np.random.default_rng([self.seed, self.epoch, shard])
+            batches = self._shuffled(units, rng)
+        else:
+            batches = map(self.converter, self._record_batches(units))
+        for batch in batches:
+            yield {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _shuffled(self, units: Sequence[RowGroupSlice], rng: np.random.Generator
+                  ) -> Iterator[Dict[str, np.ndarray]]:
+        """Fills buffers of ``buffer_batches * batch_size`` rows (fewer for the last) in a
+        random row order, straight from the record batches, and cuts them into batches."""
+        left = sum(u.num_rows for u in units)
+        buf: Optional[Dict[str, np.ndarray]] = None
+        for rb in self._record_batches(units):
+            while rb.num_rows:
+                if buf is None:
+                    size = min(self.buffer_batches * self.batch_size, left)
+                    if size == 0:
+                        raise DataError("the row groups yielded more rows than their parquet "
+                                        "metadata announce")
+                    buf, dest, filled, left = self.converter.allocate(size), \
+                        rng.permutation(size), 0, left - size
+                n = min(rb.num_rows, dest.size - filled)
+                self.converter(rb.slice(0, n), buf, dest[filled:filled + n])
+                filled, rb = filled + n, rb.slice(n)
+                if filled == dest.size:
+                    yield from _cut(buf, self.batch_size)
+                    buf = None
+        if buf is not None:
+            raise DataError("the row groups yielded fewer rows than their parquet metadata "
+                            "announce")
+
+    def _record_batches(self, units: Iterable[RowGroupSlice]) -> Iterator[pa.RecordBatch]:
+        files: Dict[str, pq.ParquetFile] = {}
+        columns = list(self.converter.columns)
+        for u in units:
+            if u.path not in files:
+                files[u.path] = _open(u.path)
+            pf = files[u.path]
+            row = 0
+            try:
+                for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=[u.row_group],
+                                          columns=columns, use_threads=False):
+                    lo, hi = max(u.start - row, 0), min(u.stop - row, rb.num_rows)
+                    row += rb.num_rows
+                    if hi > lo:
+                        yield rb if (lo, hi) == (0, rb.num_rows) else rb.slice(lo, hi - lo)
+                    if row >= u.stop:
+                        break
+            except (OSError, pa.ArrowException) as exc:
+                raise DataError(f"{u.path}: row group {u.row_group}: cannot decode "
+                                f"{_bad_column(pf, u.row_group, columns)}({exc})") from exc
+
+
+def _bad_column(pf: pq.ParquetFile, row_group: int, columns: Sequence[str]) -> str:
+    """'column X ' for the first column of a row group that fails to decode, else ''."""
+    for col in columns:
+        try:
+            pf.read_row_group(row_group, columns=[col])
+        except (OSError, pa.ArrowException):
+            return f"column '{col}' "
+    return ""
+
+
+def _cut(buf: Dict[str, np.ndarray], batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
+    """Consecutive ``batch_size``-row views of a filled buffer; the buffer's ``data_stats``
+    go with the first one (zeros with the others), so totals are kept."""
+    stats = buf.pop("data_stats")
+    n = buf["label"].shape[0]
+    for lo in range(0, n, batch_size):
+        batch = {k: v[lo:lo + batch_size] for k, v in buf.items()}
+        batch["data_stats"] = stats if lo == 0 else np.zeros_like(stats)
+        yield batch
+
+
+# ----------------------------------------------------------------------------- loaders
+class PCVRLoader(DataLoader):
+    """A DataLoader over a ``PCVRDataset`` exposing ``set_epoch``, ``stat_names``, ``num_rows``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    @property
+    def stat_names(self) -> List[str]:
+        return self.dataset.stat_names
+
+    @property
+    def num_rows(self) -> int:
+        return self.dataset.num_rows
+
+
+def make_loader(dataset: PCVRDataset, num_workers: int, pin_memory: Optional[bool] = None
+                ) -> PCVRLoader:
+    """``batch_size=None`` loader; workers are not persistent so that ``set_epoch`` reaches
+    them, and ``prefetch_factor`` is only given when there are workers."""
+    kwargs: Dict[str, Any] = {"prefetch_factor": 2} if num_workers > 0 else {}
+    return PCVRLoader(dataset, batch_size=None, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      persistent_workers=False, **kwargs)
+
+
+def _layout_for(schema_path: str, data_cfg: DataConfig) -> FeatureLayout:
+    layout, _ = load_schema(schema_path, parse_seq_max_lens(data_cfg.seq_max_lens),
+                            data_cfg.use_user_activity_dense)
+    return layout
+
+
+def get_pcvr_data(data_dir: str, schema_path: Optional[str], data_cfg: DataConfig,
+                  batch_size: int, num_workers: int, buffer_batches: int, train_ratio: float,
+                  valid_ratio: float, seed: int, logger: Optional[logging.Logger] = None,
+                  pin_memory: Optional[bool] = None
+                  ) -> Tuple[PCVRLoader, Optional[PCVRLoader], FeatureLayout, Dict[str, Any]]:
+    """Training and validation loaders.
+
+    Args:
+        data_dir: folder of ``*.parquet`` or one parquet file.
+        schema_path: schema.json (None: ``schema.json`` beside the data).
+        data_cfg: conversion flags.
+        batch_size, num_workers, buffer_batches, train_ratio, valid_ratio, seed: as the flags.
+        logger: where the split is logged (default this module's logger).
+        pin_memory: default: when CUDA is available.
+    Returns:
+        (train loader, validation loader or None when ``valid_ratio == 0``, layout, info);
+        ``info`` has ``files``, ``row_groups``, ``rows``, ``train_row_groups``,
+        ``train_rows``, ``valid_row_groups``, ``valid_rows``, ``split`` ('row_groups' or
+        'rows', the latter for a single row group) and ``stat_names``.
+    """
+    logger = logger or log
+    files = list_parquet_files(data_dir)
+    if schema_path is None:
+        schema_path = os.path.join(data_dir if os.path.isdir(data_dir)
+                                   else os.path.dirname(data_dir), "schema.json")
+    layout = _layout_for(schema_path, data_cfg)
+    columns = required_columns(layout, read_labels=True)
+    units, _ = scan_parquet(files, columns)
+    train, valid = split_row_groups(units, train_ratio, valid_ratio)
+    train_ds = PCVRDataset(train, layout, data_cfg, batch_size, shuffle=True,
+                           buffer_batches=buffer_batches, seed=seed)
+    valid_ds = PCVRDataset(valid, layout, data_cfg, batch_size) if valid else None
+    info = {
+        "files": files,
+        "row_groups": len(units),
+        "rows": sum(u.num_rows for u in units),
+        "train_row_groups": len(train),
+        "train_rows": train_ds.num_rows,
+        "valid_row_groups": len(valid),
+        "valid_rows": valid_ds.num_rows if valid_ds is not None else 0,
+        "split": "rows" if len(units) == 1 and valid else "row_groups",
+        "stat_names": train_ds.stat_names,
+    }
+    logger.info("data: %d file(s), %d row groups, %d rows; train %d rows (%d row groups), "
+                "valid %d rows (%d row groups), split by %s", len(files), info["row_groups"],
+                info["rows"], info["train_rows"], info["train_row_groups"], info["valid_rows"],
+                info["valid_row_groups"], info["split"])
+    return (make_loader(train_ds, num_workers, pin_memory),
+            make_loader(valid_ds, num_workers, pin_memory) if valid_ds is not None else None,
+            layout, info)
+
+
+def get_eval_loader(data_path: str, layout: FeatureLayout, data_cfg: DataConfig,
+                    batch_size: int, num_workers: int, read_labels: bool = False,
+                    logger: Optional[logging.Logger] = None, pin_memory: Optional[bool] = None
+                    ) -> PCVRLoader:
+    """Loader over every row of ``data_path`` (stored order within each worker).
+
+    Labels are read only when ``read_labels`` and every file has ``label_type``; otherwise
+    ``label`` is all 0.
+    """
+    logger = logger or log
+    files = list_parquet_files(data_path)
+    optional = {LABEL_COLUMN: "scalar"} if read_labels else {}
+    units, present = scan_parquet(files, required_columns(layout, False), optional)
+    if read_labels and not present:
+        logger.warning("%s: '%s' is missing from some file; labels are all 0", data_path,
+                       LABEL_COLUMN)
+    read_labels = bool(present)
+    if not units:
+        raise DataError(f"{data_path}: the parquet files hold no rows")
+    ds = PCVRDataset(units, layout, data_cfg, batch_size, read_labels=read_labels)
+    logger.info("eval data: %d file(s), %d row groups, %d rows", len(files), len(units),
+                ds.num_rows)
+    return make_loader(ds, num_workers, pin_memory)
