@@ -82,8 +82,8 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import (Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
-                    Tuple, Union)
+from typing import (Any, Dict, Generator, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
+                    Sequence, Tuple, Union)
 
 import numpy as np
 import pyarrow as pa
@@ -445,10 +445,13 @@ def _hour_dow(ts: np.ndarray, offset_s: int, out: Optional[Tuple[np.ndarray, np.
 
 def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.ndarray:
     """int64 [B, 3]: per row, events with 0 < ts_row - key <= 1, 3, 5 days (key 0 = missing)."""
-    age = np.repeat(ts_row, n) - key
-    hits = np.flatnonzero((age > 0) & (age <= _WINDOWS[-1]) & (key > 0))
+    age = np.repeat(ts_row, n)
+    age -= key
+    age -= 1  # as unsigned, age - 1 < 5 days  <=>  1 <= age <= 5 days
+    hits = np.flatnonzero(age.view(np.uint64) < _WINDOWS[-1])
+    hits = hits[key[hits] > 0]
     row = np.searchsorted(np.cumsum(n), hits, side="right")
-    window = np.searchsorted(_WINDOWS, age[hits])  # 0: <= 1 d, 1: <= 3 d, 2: <= 5 d
+    window = np.searchsorted(_WINDOWS, age[hits] + 1)  # 0: <= 1 d, 1: <= 3 d, 2: <= 5 d
     counts = np.bincount(row * 3 + window, minlength=3 * n.size).reshape(n.size, 3)
     return np.cumsum(counts, axis=1)
 
@@ -496,7 +499,8 @@ class BatchConverter:
         self._scratch = _Scratch()
 
     def allocate(self, n_rows: int) -> Dict[str, np.ndarray]:
-        """Zeroed arrays of every batch key for ``n_rows`` rows."""
+        """Arrays of every batch key for ``n_rows`` rows, uninitialised but ``data_stats``
+        (a conversion writes every element of its rows)."""
         lay, i64 = self.layout, np.int64
         shapes: Dict[str, Tuple[Tuple[int, ...], type]] = {
             "user_int_feats": ((lay.user_int_dim,), i64),
@@ -512,7 +516,7 @@ class BatchConverter:
             shapes[f"{d.name}_len"] = ((), i64)
             for suffix in ("_time_bucket", "_hour", "_dayofweek"):
                 shapes[d.name + suffix] = ((d.max_len,), i64)
-        out = {k: np.zeros((n_rows,) + shape, dtype) for k, (shape, dtype) in shapes.items()}
+        out = {k: np.empty((n_rows,) + shape, dtype) for k, (shape, dtype) in shapes.items()}
         out["data_stats"] = np.zeros(len(self.stat_names), dtype=i64)
         return out
 
@@ -538,8 +542,8 @@ class BatchConverter:
         out["hour"][rows] = hour
         out["dayofweek"][rows] = dow
         out["user_id"][rows] = cols["user_id"].values
-        if self.read_labels:  # otherwise label stays 0
-            out["label"][rows] = cols[LABEL_COLUMN].values == POSITIVE_LABEL_TYPE
+        out["label"][rows] = (cols[LABEL_COLUMN].values == POSITIVE_LABEL_TYPE
+                              if self.read_labels else 0)
         lay = self.layout
         self._int_group(lay.user_int, cols, out["user_int_feats"], rows, stats)
         self._int_group(lay.item_int, cols, out["item_int_feats"], rows, stats)
@@ -562,7 +566,8 @@ class BatchConverter:
     def _int_group(self, specs: Sequence[FeatureSpec], cols: Mapping[str, _Ragged],
                    out: np.ndarray, rows: Rows, stats: np.ndarray) -> None:
         for s in specs:
-            if s.vocab_size == 0:  # no vocabulary: the feature stays 0
+            if s.vocab_size == 0:  # no vocabulary: the feature is 0
+                out[rows, s.offset:s.offset + s.length] = 0
                 continue
             r = cols[s.column]
             ids = _take(r.values, *_positions(r, np.arange(s.length)[None, :]), np.int64)
@@ -619,14 +624,18 @@ class BatchConverter:
 
         seq, ids = out[d.name], scratch(f"{d.name}/a", shape, np.int64)
         for s, r in zip(d.side, sides):
-            if s.vocab_size == 0:  # no vocabulary: the feature stays 0
+            if s.vocab_size == 0:  # no vocabulary: the feature is 0
+                seq[rows, s.offset] = 0
                 continue
             _take(r.values, *where(r), np.int64, out=ids)
             self._clip_ids(ids, s, stats)
             seq[rows, s.offset] = ids
         out[f"{d.name}_len"][rows] = np.minimum(n, L)
 
-        if ts_col is not None:  # else time bucket, hour and day of week stay 0
+        if ts_col is None:  # no timestamps: no time bucket, hour or day of week
+            for suffix in ("_time_bucket", "_hour", "_dayofweek"):
+                out[d.name + suffix][rows] = 0
+        else:
             ts = _take(ts_col.values, *where(ts_col), np.int64, out=scratch(f"{d.name}/b", shape,
                                                                              np.int64))
             valid = np.greater(ts, 0, out=scratch(f"{d.name}/valid", shape, np.bool_))
@@ -735,28 +744,27 @@ class PCVRDataset(IterableDataset):
 
     def _shuffled(self, units: Sequence[RowGroupSlice], rng: np.random.Generator
                   ) -> Iterator[Dict[str, np.ndarray]]:
-        """Fills buffers of ``buffer_batches * batch_size`` rows (fewer for the last) in a
-        random row order, straight from the record batches, and cuts them into batches."""
-        left = sum(u.num_rows for u in units)
-        buf: Optional[Dict[str, np.ndarray]] = None
+        """A shuffle buffer that rows are converted straight into.
+
+        The pool holds up to ``buffer_batches * batch_size`` rows plus one batch of headroom;
+        whenever it holds more than that, a batch of rows drawn at random leaves it, and the
+        freed rows take the next rows read. The pool is allocated once per pass, so its
+        hundreds of MB are not faulted in again every round.
+        """
+        B, cap = self.batch_size, self.buffer_batches * self.batch_size
+        pool = self.converter.allocate(min(cap + B, sum(u.num_rows for u in units)))
+        size = pool["label"].shape[0]
+        slots = np.arange(size)  # slots[:held] hold rows, slots[held:] are free
+        held = 0
         for rb in self._record_batches(units):
             while rb.num_rows:
-                if buf is None:
-                    size = min(self.buffer_batches * self.batch_size, left)
-                    if size == 0:
-                        raise DataError("the row groups yielded more rows than their parquet "
-                                        "metadata announce")
-                    buf, dest, filled, left = self.converter.allocate(size), \
-                        rng.permutation(size), 0, left - size
-                n = min(rb.num_rows, dest.size - filled)
-                self.converter(rb.slice(0, n), buf, dest[filled:filled + n])
-                filled, rb = filled + n, rb.slice(n)
-                if filled == dest.size:
-                    yield from _cut(buf, self.batch_size)
-                    buf = None
-        if buf is not None:
-            raise DataError("the row groups yielded fewer rows than their parquet metadata "
-                            "announce")
+                n = min(rb.num_rows, size - held)
+                self.converter(rb.slice(0, n), pool, slots[held:held + n])
+                held, rb = held + n, rb.slice(n)
+                while held > cap:
+                    held = yield from _draw(pool, slots, held, B, rng)
+        while held:
+            held = yield from _draw(pool, slots, held, min(B, held), rng)
 
     def _record_batches(self, units: Iterable[RowGroupSlice]) -> Iterator[pa.RecordBatch]:
         files: Dict[str, pq.ParquetFile] = {}
@@ -790,15 +798,20 @@ def _bad_column(pf: pq.ParquetFile, row_group: int, columns: Sequence[str]) -> s
     return ""
 
 
-def _cut(buf: Dict[str, np.ndarray], batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
-    """Consecutive ``batch_size``-row views of a filled buffer; the buffer's ``data_stats``
-    go with the first one (zeros with the others), so totals are kept."""
-    stats = buf.pop("data_stats")
-    n = buf["label"].shape[0]
-    for lo in range(0, n, batch_size):
-        batch = {k: v[lo:lo + batch_size] for k, v in buf.items()}
-        batch["data_stats"] = stats if lo == 0 else np.zeros_like(stats)
-        yield batch
+def _draw(pool: Dict[str, np.ndarray], slots: np.ndarray, held: int, n: int,
+          rng: np.random.Generator) -> Generator[Dict[str, np.ndarray], None, int]:
+    """Yields ``n`` random held rows of ``pool`` as a batch (a copy) and frees their slots;
+    returns the new number of held rows. The pool's ``data_stats`` (the counts of every row
+    converted since the last draw) go with the batch, so totals are kept."""
+    pick = np.zeros(held, dtype=bool)
+    pick[rng.choice(held, size=n, replace=False)] = True
+    rows = slots[:held][pick]
+    slots[:held] = np.concatenate([slots[:held][~pick], rows])  # drawn slots become free
+    batch = {k: v.take(rows, axis=0) for k, v in pool.items() if k != "data_stats"}
+    batch["data_stats"] = pool["data_stats"].copy()
+    pool["data_stats"][:] = 0
+    yield batch
+    return held - n
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -79,7 +79,8 @@ class RotaryEmbedding(nn.Module):
         length = x.shape[-2]
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
-        return x * self.cos[:length] + rotated * self.sin[:length]
+        cos, sin = self.cos[:length].to(x.dtype), self.sin[:length].to(x.dtype)
+        return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -88,6 +89,8 @@ class Attention(nn.Module):
     ``out = W_o(attend(W_q x_q, W_k x_kv, W_v x_kv) * sigmoid(W_g x_q))``; the gate ``W_g``
     starts at weight 0 and bias 1 (a constant ``sigmoid(1)``) and is absent when
     ``gated=False`` (plain MHA, as ``nn.MultiheadAttention`` without its prob-dropout).
+    ``q_proj`` holds ``[W_q; W_g]`` and ``kv_proj`` ``[W_k; W_v]``; self-attention runs all
+    four as one GEMM.
 
     Args:
         d_model: ``D`` (divisible by ``num_heads``).
@@ -96,9 +99,9 @@ class Attention(nn.Module):
         rope: rotary embedding applied to K (and to Q when ``rope_on_q``), or None.
         rope_on_q: rotate Q too (self-attention) or not (query decoding).
 
-    Shape: x_q ``[B, Lq, D]``, x_kv ``[B, Lk, D]``, attn_mask bool broadcastable to
-        ``[B, H, Lq, Lk]`` (True = may attend) or None, empty ``[B]`` bool (rows whose
-        output is zeroed before ``W_o``) or None -> ``[B, Lq, D]``.
+    Shape: x_q ``[B, Lq, D]``; x_kv ``[B, Lk, D]`` or None for self-attention; attn_mask
+        bool broadcastable to ``[B, H, Lq, Lk]`` (True = may attend) or None; empty ``[B]``
+        bool (rows whose attention output is zeroed) or None -> ``[B, Lq, D]``.
     """
 
     def __init__(self, d_model: int, num_heads: int, gated: bool = True,
@@ -106,14 +109,14 @@ class Attention(nn.Module):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(d_model, d_model)
+        self.d_model, self.num_heads, self.gated = d_model, num_heads, gated
+        self.q_proj = nn.Linear(d_model, 2 * d_model if gated else d_model)
         self.kv_proj = nn.Linear(d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.gate_proj = nn.Linear(d_model, d_model) if gated else None
-        if self.gate_proj is not None:
-            nn.init.zeros_(self.gate_proj.weight)
-            nn.init.ones_(self.gate_proj.bias)
+        if gated:
+            with torch.no_grad():
+                self.q_proj.weight[d_model:].zero_()
+                self.q_proj.bias[d_model:].fill_(1.0)
         self.rope = rope
         self.rope_on_q = rope_on_q
 
@@ -121,11 +124,18 @@ class Attention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
 
-    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor,
+    def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None,
                 empty: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q = self._heads(self.q_proj(x_q))
-        k, v = (self._heads(t) for t in self.kv_proj(x_kv).chunk(2, dim=-1))
+        d = self.d_model
+        if x_kv is None:
+            weight = torch.cat([self.q_proj.weight, self.kv_proj.weight])
+            bias = torch.cat([self.q_proj.bias, self.kv_proj.bias])
+            qg, kv = F.linear(x_q, weight, bias).split([weight.shape[0] - 2 * d, 2 * d], -1)
+        else:
+            qg, kv = self.q_proj(x_q), self.kv_proj(x_kv)
+        q = self._heads(qg[..., :d])
+        k, v = self._heads(kv[..., :d]), self._heads(kv[..., d:])
         if self.rope is not None:
             k = self.rope(k)
             if self.rope_on_q:
@@ -134,8 +144,8 @@ class Attention(nn.Module):
         if empty is not None:
             out = out * (~empty).to(out.dtype)[:, None, None, None]
         out = out.transpose(1, 2).flatten(2)  # [B, Lq, D]
-        if self.gate_proj is not None:
-            out = out * torch.sigmoid(self.gate_proj(x_q))
+        if self.gated:
+            out = out * torch.sigmoid(qg[..., d:])
         return self.out_proj(out)
 
 
@@ -161,7 +171,7 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.attn_norm(x)
-        x = x + self.dropout(self.attn(h, h, attention_key_mask(lens, x.shape[1])))
+        x = x + self.dropout(self.attn(h, None, attention_key_mask(lens, x.shape[1])))
         return x + self.dropout(self.ffn(self.ffn_norm(x))), lens
 
 
@@ -235,7 +245,7 @@ class LongerEncoder(nn.Module):
             x = kept + self.dropout(attn)
         else:
             h = self.norm_q(x)
-            x = x + self.dropout(self.attn(h, h, self._self_mask(lens, length)))
+            x = x + self.dropout(self.attn(h, None, self._self_mask(lens, length)))
         return x + self.dropout(self.ffn(self.ffn_norm(x))), lens.clamp_max(self.top_k)
 
 
@@ -322,7 +332,7 @@ class NSSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
-        return x + self.dropout(self.attn(h, h))
+        return x + self.dropout(self.attn(h))
 
 
 class NSAutoIntLayer(nn.Module):
@@ -349,7 +359,7 @@ class NSAutoIntLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
-        o = self.act(self.dropout(self.attn(h, h)) + self.res_proj(x))
+        o = self.act(self.dropout(self.attn(h)) + self.res_proj(x))
         return x + self.gate * (o - x)
 
 
@@ -365,7 +375,7 @@ class TokenAutoIntLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
-        return self.post_norm(x + self.dropout(self.attn(h, h)))
+        return self.post_norm(x + self.dropout(self.attn(h)))
 
 
 class GatedTokenAutoInt(nn.Module):

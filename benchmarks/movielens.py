@@ -444,8 +444,9 @@ def train_step_loss(model: TwoTower, batch: Sequence[torch.Tensor],
     """BPR over the batch's labelled pairs plus ``loss_weight`` times the decoupling losses."""
     u, i, yi, j, k, yk = batch
     u_vec, u_losses, _ = model.users(u)
-    # In-batch losses over the rated and the random items, not the k repeats.
-    i_vec, i_losses, i_weight = model.items(torch.cat([i, j, k]), loss_rows=2 * len(u))
+    # In-batch losses over the rated items only: the O(B^2) losses on all 3B rows would
+    # triple the cost of the table for rows that are just sampled contrasts.
+    i_vec, i_losses, i_weight = model.items(torch.cat([i, j, k]), loss_rows=len(u))
     vi, vj, vk = i_vec.split(len(u))
     si, sj, sk = ((u_vec * v).sum(-1) for v in (vi, vj, vk))
     sign = torch.sign(yi - yk).float()  # pair (i, k) counts only where the labels differ

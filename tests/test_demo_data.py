@@ -1,0 +1,350 @@
+"""Tests of demo_data.py: layout, determinism, calibration and the planted effects."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+import demo_data as dd
+
+ONLINE_SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
+                             "schemas", "online_schema.json")
+SMALL = dict(seq_len_scale=0.02, files=2, rows_per_group=1000, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Tuple[str, Dict]:
+    """A moderate default-world sample: 8,000 training and 2,000 held-out rows."""
+    out = str(tmp_path_factory.mktemp("demo"))
+    summary = dd.generate(out, 8000, 7, eval_rows=2000, **SMALL)
+    return out, summary
+
+
+def _table(d: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(os.path.join(d, "*.parquet")))])
+
+
+def _lengths(col: pa.ChunkedArray) -> np.ndarray:
+    return pc.fill_null(pc.list_value_length(col), 0).to_numpy()
+
+
+def _ragged(col: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:
+    """(owning row of each flat value, flat values) of a list column."""
+    lengths = _lengths(col)
+    return np.repeat(np.arange(lengths.size), lengths), pc.list_flatten(col).to_numpy()
+
+
+def _hashes(root: str) -> Dict[str, str]:
+    out = {}
+    for base, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def _tercile_rates(value: np.ndarray, label: np.ndarray) -> Tuple[float, float]:
+    """Positive rate of the bottom and the top third of rows by ``value``."""
+    lo, hi = np.quantile(value, [1 / 3, 2 / 3])
+    return float(label[value <= lo].mean()), float(label[value > hi].mean())
+
+
+# ------------------------------------------------------------------------------- basics
+
+def test_auc_matches_sklearn_with_ties():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.random(3000) < 0.2
+    scores = np.round(rng.random(3000) + 0.3 * y, 1)          # many ties
+    assert dd.auc(y, scores) == pytest.approx(metrics.roc_auc_score(y, scores), abs=1e-12)
+    assert dd.auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    with pytest.raises(ValueError):
+        dd.auc([1, 1], [0.1, 0.2])
+
+
+def test_embedded_layout_matches_online_schema():
+    if not os.path.isfile(ONLINE_SCHEMA):
+        pytest.skip("the shared online schema is not available")
+    with open(ONLINE_SCHEMA, encoding="utf-8") as fh:
+        online = json.load(fh)
+    embedded = dd.load_layout(None, vocab_cap=0).schema_json()
+    assert embedded == online
+
+
+def test_same_options_give_identical_bytes(tmp_path):
+    opts = dict(SMALL, rows_per_group=256)
+    a = dd.generate(str(tmp_path / "a"), 700, 3, eval_rows=300, **opts)
+    dd.generate(str(tmp_path / "b"), 700, 3, eval_rows=300, **opts)
+    ha, hb = _hashes(str(tmp_path / "a")), _hashes(str(tmp_path / "b"))
+    assert len(ha) == 2 * (2 + 2) and ha == hb          # 2 parquet + schema + truth per split
+    dd.generate(str(tmp_path / "c"), 700, 4, eval_rows=300, **opts)
+    assert _hashes(str(tmp_path / "c"))["part-00000.parquet"] != ha["part-00000.parquet"]
+    assert a["splits"]["train"]["row_groups"] == 4
+
+
+# ------------------------------------------------------------------------------- layout
+
+def test_schema_and_columns_follow_the_online_layout(data):
+    out, _ = data
+    with open(os.path.join(out, "schema.json"), encoding="utf-8") as fh:
+        schema = json.load(fh)
+    cap = dd.DEFAULT_VOCAB_CAP
+    assert schema["user_int"] == [[f, min(v, cap), d] for f, v, d in dd.ONLINE_USER_INT]
+    assert schema["item_int"] == [[f, min(v, cap), d] for f, v, d in dd.ONLINE_ITEM_INT]
+    assert schema["user_dense"] == [list(e) for e in dd.ONLINE_USER_DENSE]
+    assert sorted(schema["seq"]) == ["seq_a", "seq_b", "seq_c", "seq_d"]
+    for name, (prefix, ts_fid, feats) in dd.ONLINE_SEQ.items():
+        dom = schema["seq"][name]
+        assert (dom["prefix"], dom["ts_fid"]) == (prefix, ts_fid)
+        assert dom["features"] == [[f, 0 if f == ts_fid else min(v, cap)] for f, v in feats]
+
+    table = _table(out)
+    types = {f.name: f.type for f in table.schema}
+    assert len(types) == 120
+    expected = {"user_id": pa.int64(), "item_id": pa.int64(), "label_type": pa.int32(),
+                "label_time": pa.int64(), "timestamp": pa.int64()}
+    ints, floats = pa.list_(pa.int64()), pa.list_(pa.float32())
+    for group in ("user_int", "item_int"):
+        for fid, _, dim in schema[group]:
+            expected[f"{group}_feats_{fid}"] = pa.int64() if dim == 1 else ints
+    expected.update({f"user_dense_feats_{fid}": floats for fid, _ in schema["user_dense"]})
+    for dom in schema["seq"].values():
+        expected.update({f"{dom['prefix']}_{fid}": ints for fid, _ in dom["features"]})
+    assert types == expected
+    assert sum(1 for _, _, d in schema["user_int"] if d == 1) == 35
+    assert sum(1 for _, _, d in schema["user_int"] if d > 1) == 11
+    assert len(schema["user_dense"]) == 10 and len(schema["item_int"]) == 14
+    assert sum(len(d["features"]) for d in schema["seq"].values()) == 45
+    for name in ("user_id", "item_id", "label_type", "label_time", "timestamp"):
+        assert table[name].null_count == 0
+    assert np.unique(table["user_id"].to_numpy()).size == table.num_rows
+    assert set(np.unique(table["label_type"].to_numpy())) == {1, 2}
+    assert (table["label_time"].to_numpy() > table["timestamp"].to_numpy()).all()
+    files = sorted(glob.glob(os.path.join(out, "*.parquet")))
+    assert len(files) == 2 and sum(pq.ParquetFile(f).num_row_groups for f in files) == 8
+
+
+def test_ids_lie_in_vocab_and_lists_fit_their_dims(data):
+    out, _ = data
+    with open(os.path.join(out, "schema.json"), encoding="utf-8") as fh:
+        schema = json.load(fh)
+    table = _table(out)
+    oov_cols = ({f"user_int_feats_{f}" for f in dd.OOV_USER_FIDS}
+                | {f"item_int_feats_{f}" for f in dd.OOV_ITEM_FIDS})
+    checks = [(f"{g}_feats_{f}", v, d) for g in ("user_int", "item_int")
+              for f, v, d in schema[g]]
+    for dom in schema["seq"].values():
+        checks += [(f"{dom['prefix']}_{f}", v, None) for f, v in dom["features"]
+                   if f != dom["ts_fid"]]
+    for col, vocab, dim in checks:
+        c = table[col]
+        if pa.types.is_list(c.type):
+            values = pc.list_flatten(c).to_numpy()
+            if dim is not None:
+                assert _lengths(c).max() <= dim, col
+        else:
+            values = c.drop_null().to_numpy()
+        real = values[values != -1]
+        assert (real >= 1).all(), col
+        oov = real >= vocab
+        if oov.any():
+            # Only the documented id columns carry a tiny out-of-vocabulary fraction.
+            assert col in oov_cols or vocab < 50000 and col.endswith(
+                tuple(f"_seq_{f}" for f in (38, 69, 47, 23))), col
+            assert oov.mean() < 2e-3 and real.max() < vocab + 3, col
+    assert table["user_int_feats_101"].null_count / table.num_rows > 0.8
+    for fid in (83, 84, 85):
+        assert 0.8 < table[f"item_int_feats_{fid}"].null_count / table.num_rows < 0.95
+    assert 0.4 < table["item_int_feats_11"].null_count / table.num_rows < 0.6
+    dense62 = pc.list_flatten(table["user_dense_feats_62"]).to_numpy()
+    assert dense62.min() >= 1 and dense62.max() > 1e6 and np.median(dense62) > 100
+    for fid, dim in ((61, 256), (87, 320)):
+        lengths = pc.list_value_length(table[f"user_dense_feats_{fid}"]).drop_null().to_numpy()
+        assert (lengths == dim).all()
+
+
+def test_domain_lists_share_lengths_and_pairs_align(data):
+    out, _ = data
+    table = _table(out)
+    for prefix, ts_fid, feats in dd.ONLINE_SEQ.values():
+        ts_len = _lengths(table[f"{prefix}_{ts_fid}"])
+        for fid, _ in feats:
+            assert (_lengths(table[f"{prefix}_{fid}"]) == ts_len).all(), (prefix, fid)
+        assert ts_len.max() > 0
+    for fid in (62, 63, 64, 65, 66, 89, 90, 91):
+        ints, dense = table[f"user_int_feats_{fid}"], table[f"user_dense_feats_{fid}"]
+        assert (_lengths(ints) == _lengths(dense)).all(), fid
+        assert (pc.is_null(ints).to_numpy() == pc.is_null(dense).to_numpy()).all(), fid
+
+
+def test_eval_split_is_later_and_shares_the_world(data):
+    out, summary = data
+    train, held = _table(out), _table(os.path.join(out, "eval"))
+    assert held.num_rows == 2000
+    assert held["timestamp"].to_numpy().min() >= train["timestamp"].to_numpy().max()
+    assert not set(held["user_id"].to_numpy()) & set(train["user_id"].to_numpy())
+    with open(os.path.join(out, "schema.json")) as a, \
+            open(os.path.join(out, "eval", "schema.json")) as b:
+        assert json.load(a) == json.load(b)
+    # Same catalogue: most held-out items were seen in training.
+    assert np.isin(held["item_id"].to_numpy(), train["item_id"].to_numpy()).mean() > 0.7
+    assert set(summary["splits"]) == {"train", "eval"}
+
+
+def test_rows_are_time_ordered_and_events_oldest_first(data):
+    out, _ = data
+    table = _table(out)
+    assert (np.diff(table["timestamp"].to_numpy()) >= 0).all()
+    row, ts = _ragged(table["domain_d_seq_26"])
+    same_row = row[1:] == row[:-1]
+    assert (np.diff(ts)[same_row] >= 0).all()
+    assert (ts < table["timestamp"].to_numpy()[row]).all()       # history is in the past
+
+
+# ------------------------------------------------------------------------------- truth
+
+def test_sidecar_truth_and_calibration(data):
+    out, summary = data
+    parquet = glob.glob(os.path.join(out, "*.parquet"))
+    assert not [p for p in parquet if "truth" in p]
+    assert os.path.isfile(os.path.join(out, dd.TRUTH_FILE))
+    user_id, p_true = dd.load_truth(out)
+    table = _table(out)
+    assert user_id.dtype == np.int64 and p_true.dtype == np.float64
+    assert (user_id == table["user_id"].to_numpy()).all()
+    assert ((p_true > 0) & (p_true < 1)).all()
+    with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
+        assert (z["label"] == (table["label_type"].to_numpy() == 2)).all()
+    train = summary["splits"]["train"]
+    assert 0.08 <= train["pos_rate"] <= 0.115
+    assert 0.80 <= dd.oracle_auc(out) <= 0.86
+    assert train["oracle_auc"] == pytest.approx(dd.oracle_auc(out))
+    assert 0.80 <= dd.oracle_auc(os.path.join(out, "eval")) <= 0.86
+    shares = train["shares"]
+    for effect in dd.EFFECTS:
+        assert shares[effect.name] == pytest.approx(effect.share, abs=0.05), effect.name
+    assert shares["abs_time"] + shares["pair_62_66"] > 0.3
+    assert 0.03 < shares["noise_of_total"] < 0.1
+
+
+# ------------------------------------------------------------------------------- effects
+
+def test_every_planted_effect_moves_the_labels(data):
+    out, _ = data
+    with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
+        label = z["label"].astype(float)
+        for effect in dd.EFFECTS:
+            low, high = _tercile_rates(z[f"logit_{effect.name}"], label)
+            assert high > low + 0.03, effect.name
+
+
+def test_planted_effects_are_visible_in_the_parquet(data):
+    """Recompute four effects from the columns alone: each moves the positive rate."""
+    out, _ = data
+    table = _table(out)
+    label = (table["label_type"].to_numpy() == 2).astype(float)
+    ts = table["timestamp"].to_numpy()
+    n = ts.size
+
+    # abs_time: evening (18-24 h at UTC+8) against night and morning (2-10 h).
+    hour = ((ts + 8 * 3600) // 3600) % 24
+    assert label[hour >= 18].mean() > label[(hour >= 2) & (hour < 10)].mean() + 0.03
+
+    # activity: events in the last 3 days over all domains.
+    recent = np.zeros(n)
+    for prefix, ts_fid, _ in dd.ONLINE_SEQ.values():
+        row, ev = _ragged(table[f"{prefix}_{ts_fid}"])
+        recent += np.bincount(row, weights=(ts[row] - ev) <= 3 * 86400, minlength=n)
+    low, high = _tercile_rates(recent + 1e-3 * np.arange(n) / n, label)
+    assert high > low + 0.02
+
+    with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
+        links = {k: z[k] for k in z.files if k.startswith("category_")}
+    item_cat_ids = table["item_int_feats_5"].to_numpy()
+    latent_cat = np.argmax(links["category_item_int_5"][None, :] == item_cat_ids[:, None], axis=1)
+
+    # pair_62_66: the dense value the user's fid 63 list pairs with the target's category.
+    row, ids = _ragged(table["user_int_feats_63"])
+    _, values = _ragged(table["user_dense_feats_63"])
+    hit = ids == links["category_user_int_63"][latent_cat[row]]
+    paired = np.zeros(n)
+    paired[row[hit]] = np.log1p(values[hit])
+    present = paired > 0
+    cut = np.median(paired[present])
+    assert label[present & (paired > cut)].mean() > label[present & (paired <= cut)].mean() + 0.03
+
+    # seq_affinity: share of the history in the target's category, recency weighted.
+    weighted, matched = np.zeros(n), np.zeros(n)
+    for prefix, ts_fid, _ in dd.ONLINE_SEQ.values():
+        key = next(k for k in links if k.startswith(f"category_{prefix}_"))
+        row, cats = _ragged(table[key[len("category_"):]])
+        _, ev = _ragged(table[f"{prefix}_{ts_fid}"])
+        w = np.exp(-(ts[row] - ev) / (2 * 86400.0))
+        weighted += np.bincount(row, weights=w, minlength=n)
+        matched += np.bincount(row, weights=w * (cats == links[key][latent_cat[row]]),
+                               minlength=n)
+    low, high = _tercile_rates(matched / (weighted + 1.0), label)
+    assert high > low + 0.03
+
+
+# ------------------------------------------------------------------------------- options
+
+@pytest.mark.parametrize("order", ["newest_first", "unordered"])
+def test_event_order_option(tmp_path, order):
+    dd.generate(str(tmp_path), 300, 1, eval_rows=0, event_order=order, **SMALL)
+    row, ts = _ragged(_table(str(tmp_path))["domain_d_seq_26"])
+    step = np.diff(ts)[row[1:] == row[:-1]]
+    if order == "newest_first":
+        assert (step <= 0).all()
+    else:
+        assert (step > 0).any() and (step < 0).any()
+    assert not os.path.exists(os.path.join(str(tmp_path), "eval", "schema.json"))
+
+
+def test_custom_schema_and_uncapped_vocab(tmp_path):
+    schema = dd.load_layout(None, vocab_cap=0).schema_json()
+    schema["user_int"] = [[f, v, 4 if f == 63 else d] for f, v, d in schema["user_int"]]
+    schema["user_dense"] = [[f, 4 if f == 63 else d] for f, d in schema["user_dense"]]
+    path = tmp_path / "schema_in.json"
+    path.write_text(json.dumps(schema))
+    out = str(tmp_path / "out")
+    dd.generate(out, 300, 2, eval_rows=0, vocab_cap=0, schema=str(path), **SMALL)
+    with open(os.path.join(out, "schema.json")) as fh:
+        assert json.load(fh) == schema
+    table = _table(out)
+    assert _lengths(table["user_int_feats_63"]).max() <= 4
+    assert pc.max(pc.list_flatten(table["domain_c_seq_47"])).as_py() > dd.DEFAULT_VOCAB_CAP
+    del schema["user_int"][0]                                      # drops fid 1
+    with pytest.raises(ValueError, match="user_int 1"):
+        dd.load_layout(schema)
+
+
+def test_full_scale_history_lengths(tmp_path):
+    summary = dd.generate(str(tmp_path), 300, 5, eval_rows=0, seq_len_scale=1.0, files=1,
+                          verbose=False)
+    table = _table(str(tmp_path))
+    means = {}
+    for name, (prefix, ts_fid, _) in dd.ONLINE_SEQ.items():
+        lengths = _lengths(table[f"{prefix}_{ts_fid}"])
+        assert lengths.max() <= dd.SEQ_LEN_CAP
+        means[name] = lengths.mean()
+    assert 200 < means["seq_a"] < 420 and 200 < means["seq_b"] < 420
+    assert 380 < means["seq_c"] < 680
+    assert 2000 < means["seq_d"] < 2900
+    assert summary["splits"]["train"]["row_groups"] >= 1
+
+
+def test_cli(tmp_path):
+    summary = dd.main(["--out", str(tmp_path), "--rows", "200", "--eval_rows", "100",
+                       "--seq_len_scale", "0.02", "--files", "1", "--seed", "9"])
+    assert summary["splits"]["eval"]["rows"] == 100
+    assert len(glob.glob(os.path.join(str(tmp_path), "eval", "*.parquet"))) == 1
