@@ -332,6 +332,21 @@ def _ragged(arr: pa.Array) -> _Ragged:
     return _Ragged(starts, lens, values.to_numpy(zero_copy_only=False))
 
 
+class _Scratch:
+    """Work arrays reused from batch to batch: fresh [B, L] temporaries cost more (memory
+    traffic, page faults) than the arithmetic done on them."""
+
+    def __init__(self) -> None:
+        self._arrays: Dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, shape: Tuple[int, ...], dtype: type) -> np.ndarray:
+        """An uninitialised ``shape`` array (a view of a kept one with at least as many rows)."""
+        a = self._arrays.get(name)
+        if a is None or a.shape[0] < shape[0] or a.shape[1:] != shape[1:] or a.dtype != dtype:
+            a = self._arrays[name] = np.empty(shape, dtype)
+        return a[:shape[0]]
+
+
 def _positions(r: _Ragged, idx: np.ndarray, scratch: Optional[_Scratch] = None,
                name: str = "") -> Tuple[np.ndarray, np.ndarray]:
     """(mask [B, W], flat positions [B, W]) of event ``idx[b, j]`` of each row of ``r``.
@@ -364,21 +379,6 @@ def _take(values: np.ndarray, mask: np.ndarray, pos: np.ndarray, dtype: type,
         out[...] = values.take(pos)
     out *= mask
     return out
-
-
-class _Scratch:
-    """Work arrays reused from batch to batch: fresh [B, L] temporaries cost more (memory
-    traffic, page faults) than the arithmetic done on them."""
-
-    def __init__(self) -> None:
-        self._arrays: Dict[str, np.ndarray] = {}
-
-    def __call__(self, name: str, shape: Tuple[int, ...], dtype: type) -> np.ndarray:
-        """An uninitialised ``shape`` array (a view of a kept one with at least as many rows)."""
-        a = self._arrays.get(name)
-        if a is None or a.shape[0] < shape[0] or a.shape[1:] != shape[1:] or a.dtype != dtype:
-            a = self._arrays[name] = np.empty(shape, dtype)
-        return a[:shape[0]]
 
 
 def _flat_events(r: _Ragged, n: np.ndarray) -> np.ndarray:

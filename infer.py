@@ -87,7 +87,8 @@ def load_model(model_dir: str, cfg: Config, data_dir: Optional[str] = None):
     if ns_path and os.path.isfile(os.path.join(model_dir, os.path.basename(ns_path))):
         ns_path = os.path.join(model_dir, os.path.basename(ns_path))
     ns_groups, _ = load_ns_groups(ns_path)
-    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups)
+    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups,
+                        user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding)
     state = torch.load(find_weights(model_dir), map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)

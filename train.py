@@ -52,11 +52,12 @@ def main(argv: Optional[List[str]] = None) -> TrainResult:
         data_dir=t.data_dir, schema_path=t.schema_path, data_cfg=cfg.data,
         batch_size=t.batch_size, num_workers=t.num_workers, buffer_batches=t.buffer_batches,
         train_ratio=t.train_ratio, valid_ratio=t.valid_ratio, seed=t.seed)
-    log.info("data: %s", info)
+    log.info("data: %s", {k: v for k, v in info.items() if k != "stat_names"})
     with open(t.schema_path, "r", encoding="utf-8") as fh:
         raw_schema = json.load(fh)
 
-    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups).to(device)
+    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups,
+                        user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding).to(device)
     log.info("model: %d NS tokens, T = %d, %d parameters (%d in embedding tables)",
              model.num_ns_tokens, model.num_tokens, count_params(model.parameters()),
              count_params(model.sparse_parameters()))

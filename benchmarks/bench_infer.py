@@ -45,7 +45,8 @@ def main() -> None:
     layout, raw_schema = load_schema(schema_path, parse_seq_max_lens(cfg.data.seq_max_lens),
                                      cfg.data.use_user_activity_dense)
     ns_groups, ns_path = load_ns_groups(cfg.model.ns_groups_json)
-    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups)
+    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups,
+                        user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding)
     with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".demo_data")) as tmp:
         ckpt = os.path.join(tmp, "global_step0.bench")
         save_checkpoint(ckpt, model.state_dict(), cfg, raw_schema, ns_path,

@@ -56,7 +56,8 @@ def main() -> None:
     batches = batches[:n_batches]
 
     ns_groups, _ = load_ns_groups(cfg.model.ns_groups_json)
-    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups)
+    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups,
+                        user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding)
     trainer = Trainer(model, cfg, [], None, torch.device("cpu"), {}, None,
                       {"num_time_buckets": NUM_TIME_BUCKETS})
     print(f"model: {count_params(model.parameters()) / 1e6:.1f}M parameters "

@@ -17,7 +17,7 @@ from trainer import predict_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--d_model", "16", "--emb_dim", "8", "--num_heads", "2", "--num_queries", "2",
-              "--user_ns_tokens", "3", "--item_ns_tokens", "1", "--ns_groups_json", "",
+              "--user_ns_tokens", "6", "--item_ns_tokens", "1", "--ns_groups_json", "",
               "--hidden_mult", "2", "--seq_max_lens", "seq_a:8,seq_b:8,seq_c:12,seq_d:16",
               "--batch_size", "64", "--num_workers", "0", "--buffer_batches", "2"]
 SEED_FEATURES = ["--use_abs_time_emb", "--time_zone_offset_hours", "8", "--use_pair_62_66",
