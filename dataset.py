@@ -294,7 +294,7 @@ def split_row_groups(units: Sequence[RowGroupSlice], train_ratio: float, valid_r
     if train_ratio < 1.0:
         if len(train) == 1:
             keep = max(1, int(train[0].num_rows * train_ratio))
-            train = _split_rows(train[0], train[0].num_rows - keep)[:1]
+            train = _split_rows(train[0], train[0].num_rows - keep)[0]
         else:
             train = train[:max(1, int(len(train) * train_ratio))]
     return train, valid
@@ -318,18 +318,40 @@ class _Ragged(NamedTuple):
     values: np.ndarray  # [N], nested nulls set to 0
 
 
+def _numpy(arr: pa.Array) -> np.ndarray:
+    """Zero-copy numpy view of a primitive Arrow array's values, nulls ignored.
+
+    Straight from the buffer: ``Array.to_numpy`` would import pandas (~0.5 s) in every fresh
+    DataLoader worker.
+    """
+    t = arr.type
+    kind = "f" if pa.types.is_floating(t) else "u" if pa.types.is_unsigned_integer(t) else "i"
+    dtype = np.dtype(f"{kind}{t.bit_width // 8}")
+    if len(arr) == 0:
+        return np.empty(0, dtype)
+    return np.frombuffer(arr.buffers()[1], dtype, count=arr.offset + len(arr))[arr.offset:]
+
+
+def _valid(arr: pa.Array) -> np.ndarray:
+    """bool [len(arr)]: the validity bitmap (call only when ``arr.null_count``)."""
+    bits = np.frombuffer(arr.buffers()[0], np.uint8)
+    return np.unpackbits(bits, count=arr.offset + len(arr), bitorder="little")[arr.offset:] \
+        .astype(bool)
+
+
 def _ragged(arr: pa.Array) -> _Ragged:
     if _is_list(arr.type):
-        offsets = arr.offsets.to_numpy().astype(np.int64)
+        offsets = _numpy(arr.offsets).astype(np.int64)
         starts, lens = offsets[:-1], np.diff(offsets)
         values = arr.values  # ignores the slice offset, as ``arr.offsets`` expects
     else:
         starts, lens, values = np.arange(len(arr), dtype=np.int64), np.ones(len(arr), np.int64), arr
     if arr.null_count:  # a null row may still span child values: make it empty
-        lens = lens * arr.is_valid().to_numpy(zero_copy_only=False)
+        lens = lens * _valid(arr)
+    vals = _numpy(values)
     if values.null_count:
-        values = pc.fill_null(values, 0)
-    return _Ragged(starts, lens, values.to_numpy(zero_copy_only=False))
+        vals = np.where(_valid(values), vals, vals.dtype.type(0))
+    return _Ragged(starts, lens, vals)
 
 
 class _Scratch:
@@ -393,6 +415,19 @@ def _flat_events(r: _Ragged, n: np.ndarray) -> np.ndarray:
     return _take(r.values, j < r.lens[rows], pos, r.values.dtype)
 
 
+def _first(r: _Ragged) -> np.ndarray:
+    """int64 [B]: each row's first value, 0 for an empty row."""
+    if not r.values.size:
+        return np.zeros(r.lens.size, np.int64)
+    return r.values.take(np.minimum(r.starts, r.values.size - 1)) * (r.lens > 0)
+
+
+def head_order(n: np.ndarray, max_len: int) -> np.ndarray:
+    """int64 [B, L]: event indices of the first ``max_len`` stored events, ``_PAD`` after."""
+    pos = np.arange(max_len, dtype=np.int64)
+    return pos + (pos >= np.minimum(n, max_len)[:, None]) * _PAD
+
+
 def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
     """Event indices of the ``max_len`` most recent events per row, newest first.
 
@@ -406,9 +441,7 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
     Returns:
         int64 [B, L]: stored event index per kept position, ``_PAD`` after the last one.
     """
-    pos = np.arange(max_len, dtype=np.int64)
-    pad = pos >= np.minimum(n, max_len)[:, None]
-    idx = pos + pad * _PAD
+    idx = head_order(n, max_len)
     later = np.flatnonzero(key[1:] > key[:-1]) + 1  # events newer than their predecessor
     if not later.size:
         return idx
@@ -417,7 +450,7 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
     inside = later != ends[row] - n[row]  # a row's first event has no predecessor
     n_rise = np.bincount(row[inside], minlength=n.size)
     reverse = (n_rise > 0) & (n_rise == n - 1)  # strictly oldest first
-    idx[reverse] = n[reverse, None] - 1 - pos + pad[reverse] * _PAD
+    idx[reverse] = np.where(idx[reverse] < _PAD, n[reverse, None] - 1 - idx[reverse], _PAD)
     rows = np.flatnonzero((n_rise > 0) & ~reverse)
     if rows.size:
         n_o = n[rows]
@@ -497,6 +530,13 @@ class BatchConverter:
         self._pairs = _pairs(layout)
         self._activity = {s.fid: s.offset for s in layout.user_dense if _is_activity(layout, s)}
         self._scratch = _Scratch()
+        # group -> (specs, vocab per position, first position per spec, oov stat or -1 per spec)
+        self._int_plans = {}
+        for key, specs in (("user_int_feats", layout.user_int), ("item_int_feats", layout.item_int)):
+            self._int_plans[key] = (
+                specs, np.repeat([s.vocab_size for s in specs], [s.length for s in specs]),
+                np.array([s.offset for s in specs], dtype=np.int64),
+                np.array([self._stat.get(f"oov/{s.column}", -1) for s in specs], dtype=np.int64))
 
     def allocate(self, n_rows: int) -> Dict[str, np.ndarray]:
         """Arrays of every batch key for ``n_rows`` rows, uninitialised but ``data_stats``
@@ -545,8 +585,8 @@ class BatchConverter:
         out["label"][rows] = (cols[LABEL_COLUMN].values == POSITIVE_LABEL_TYPE
                               if self.read_labels else 0)
         lay = self.layout
-        self._int_group(lay.user_int, cols, out["user_int_feats"], rows, stats)
-        self._int_group(lay.item_int, cols, out["item_int_feats"], rows, stats)
+        for key in ("user_int_feats", "item_int_feats"):
+            self._int_group(key, cols, out[key], rows, stats)
         dense = np.zeros((rb.num_rows, lay.user_dense_dim), dtype=np.float32)
         self._dense_group(lay.user_dense, cols, dense, stats)
         for d in lay.seq:
@@ -563,16 +603,28 @@ class BatchConverter:
         if ids.size and ids.max() == spec.vocab_size:  # count only when there is one
             stats[self._stat[f"oov/{spec.column}"]] += np.count_nonzero(ids == spec.vocab_size)
 
-    def _int_group(self, specs: Sequence[FeatureSpec], cols: Mapping[str, _Ragged],
-                   out: np.ndarray, rows: Rows, stats: np.ndarray) -> None:
+    def _int_group(self, key: str, cols: Mapping[str, _Ragged], out: np.ndarray, rows: Rows,
+                   stats: np.ndarray) -> None:
+        """Gathers every feature of an int group into one block, then cleans the block at once
+        against the per-position vocabulary (one clip, not one per feature)."""
+        specs, vocab, first, stat = self._int_plans[key]
+        if not specs:
+            return
+        block = np.zeros((out.shape[0] if isinstance(rows, slice) else len(rows), vocab.size),
+                         dtype=np.int64)
         for s in specs:
-            if s.vocab_size == 0:  # no vocabulary: the feature is 0
-                out[rows, s.offset:s.offset + s.length] = 0
-                continue
             r = cols[s.column]
-            ids = _take(r.values, *_positions(r, np.arange(s.length)[None, :]), np.int64)
-            self._clip_ids(ids, s, stats)
-            out[rows, s.offset:s.offset + s.length] = ids
+            if s.vocab_size == 0:  # no vocabulary: the feature stays 0
+                continue
+            if s.length == 1:
+                block[:, s.offset] = _first(r)
+            else:
+                block[:, s.offset:s.offset + s.length] = _take(
+                    r.values, *_positions(r, np.arange(s.length)[None, :]), np.int64)
+        np.clip(block, 0, vocab, out=block)  # ids <= 0 -> 0, OOV -> vocab, no vocab -> 0
+        oov = np.add.reduceat(np.count_nonzero(block == vocab, axis=0), first)
+        stats[stat[stat >= 0]] += oov[stat >= 0]
+        out[rows] = block
 
     def _dense_group(self, specs: Sequence[FeatureSpec], cols: Mapping[str, _Ragged],
                      out: np.ndarray, stats: np.ndarray) -> None:
@@ -606,10 +658,8 @@ class BatchConverter:
         if ts_col is not None and (self.keep_recent or activity):
             # Missing or <= 0 timestamps become 0: the oldest, and outside every window.
             key = np.maximum(_flat_events(ts_col, n), 0).astype(np.int64, copy=False)
-        if key is not None and self.keep_recent:
-            idx = recent_order(key, n, L)
-        else:
-            idx = np.arange(L, dtype=np.int64)[None, :]
+        idx = recent_order(key, n, L) if key is not None and self.keep_recent else \
+            head_order(n, L)
 
         shape, scratch = (n.size, L), self._scratch
         cache: List[Tuple[_Ragged, Tuple[np.ndarray, np.ndarray]]] = []

@@ -23,7 +23,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -32,11 +32,10 @@ import pyarrow.parquet as pq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import DataConfig  # noqa: E402
+from config import DataConfig, parse_seq_max_lens  # noqa: E402
 from dataset import (PCVRDataset, list_parquet_files, make_loader, required_columns,  # noqa: E402
                      scan_parquet)
 from schema import load_schema  # noqa: E402
-from config import parse_seq_max_lens  # noqa: E402
 
 ONLINE_SCHEMA = os.path.join(os.path.dirname(ROOT), "shared", "reference", "schemas",
                              "online_schema.json")
@@ -124,25 +123,28 @@ def ensure_data(rows: int, rows_per_group: int, event_order: str, seed: int) -> 
 
 
 # ----------------------------------------------------------------------------- stages
+STAGES = ("ceiling", "pipeline", "eval", "workers")
+
+
 def _peak_rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_stage(stage: str, data: str, batch_size: int, workers: int, passes: int,
-              buffer_batches: int) -> Dict[str, float]:
+              buffer_batches: int) -> Dict[str, Any]:
+    """Times ``passes`` passes over the data (after one warm-up pass) in this process."""
     cfg = DataConfig()
     layout, _ = load_schema(os.path.join(data, "schema.json"),
                             parse_seq_max_lens(cfg.seq_max_lens), cfg.use_user_activity_dense)
     files = list_parquet_files(data)
-    columns = required_columns(layout, read_labels=True)
-    units, _ = scan_parquet(files, columns)
+    columns = list(required_columns(layout, read_labels=True))
+    units, _ = scan_parquet(files, required_columns(layout, read_labels=True))
     rows = sum(u.num_rows for u in units)
     if stage == "ceiling":
-        def one_pass() -> None:
+        def one_pass(epoch: int) -> None:
             for path in files:
-                pf = pq.ParquetFile(path)
-                for rb in pf.iter_batches(batch_size=batch_size, columns=list(columns),
-                                          use_threads=False):
+                for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size,
+                                                            columns=columns, use_threads=False):
                     for arr in rb.columns:
                         if pa.types.is_list(arr.type):
                             arr.offsets.to_numpy()
@@ -150,27 +152,27 @@ def run_stage(stage: str, data: str, batch_size: int, workers: int, passes: int,
                         else:
                             arr.to_numpy()
     else:
-        ds = PCVRDataset(units, layout, cfg, batch_size, shuffle=stage != "eval",
-                         buffer_batches=buffer_batches if stage != "eval" else 0)
+        train = stage != "eval"
+        ds = PCVRDataset(units, layout, cfg, batch_size, shuffle=train,
+                         buffer_batches=buffer_batches if train else 0)
         loader = make_loader(ds, workers if stage == "workers" else 0, pin_memory=False)
 
-        def one_pass() -> None:
+        def one_pass(epoch: int) -> None:
+            loader.set_epoch(epoch)
             n = sum(int(b["label"].shape[0]) for b in loader)
             assert n == rows, (n, rows)
 
-    one_pass()  # warm-up: page cache, allocator
-    t0 = time.perf_counter()
-    for epoch in range(passes):
-        if stage != "ceiling":
-            ds.set_epoch(epoch)
-        one_pass()
-    dt = time.perf_counter() - t0
-    return {"rows_per_s": rows * passes / dt, "ms_per_batch": 1e3 * dt / (passes * rows / batch_size),
-            "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+    one_pass(0)  # warm-up: page cache, lazy imports, allocator
+    times = []
+    for epoch in range(1, passes + 1):
+        t0 = time.perf_counter()
+        one_pass(epoch)
+        times.append(time.perf_counter() - t0)
+    return {"rows": rows, "times": times, "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
             "peak_worker_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN)}
 
 
-def main(argv: List[str] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--rows_per_group", type=int, default=512)
@@ -179,10 +181,12 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--buffer_batches", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--passes", type=int, default=2, help="timed passes per stage and round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="the stages run in turn this many times; the best pass counts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.stage is not None:  # child process: one stage, one JSON line
         print(json.dumps(run_stage(a.stage, a.data, a.batch_size, a.workers, a.passes,
@@ -191,24 +195,33 @@ def main(argv: List[str] = None) -> None:
 
     t0 = time.perf_counter()
     data = ensure_data(a.rows, a.rows_per_group, a.event_order, a.seed)
-    print(f"data {data} ({a.rows} rows, row groups of {a.rows_per_group}, {a.event_order}; "
-          f"ready in {time.perf_counter() - t0:.1f} s)", flush=True)
-    results = {}
-    for stage in ("ceiling", "pipeline", "eval", "workers"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--data", data,
-               "--batch_size", str(a.batch_size), "--workers", str(a.workers),
-               "--passes", str(a.passes), "--buffer_batches", str(a.buffer_batches)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        r = results[stage] = json.loads(out.strip().splitlines()[-1])
-        label = f"{stage} ({a.workers} workers)" if stage == "workers" else stage
-        print(f"{label:<22} {r['rows_per_s']:9.0f} rows/s  {r['ms_per_batch']:7.1f} ms/batch  "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB"
-              + (f" (largest worker {r['peak_worker_rss_mb']:.0f} MB)" if stage == "workers"
-                 else ""), flush=True)
-    ceiling = results["ceiling"]["rows_per_s"]
-    print(f"eval_ratio_to_ceiling {results['eval']['rows_per_s'] / ceiling:.3f}")
-    print(f"workers_ratio_to_ceiling {results['workers']['rows_per_s'] / ceiling:.3f}")
-    print(f"ratio_to_ceiling {results['pipeline']['rows_per_s'] / ceiling:.3f}")
+    print(f"data {os.path.relpath(data, ROOT)}: {a.rows} rows, row groups of "
+          f"{a.rows_per_group}, {a.event_order} ({time.perf_counter() - t0:.1f} s); batch "
+          f"{a.batch_size}, shuffle buffer {a.buffer_batches} batches", flush=True)
+    runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in STAGES}
+    for _ in range(a.rounds):  # interleaved, so that a busy spell hits every stage alike
+        for stage in STAGES:
+            cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--data", data,
+                   "--batch_size", str(a.batch_size), "--workers", str(a.workers),
+                   "--passes", str(a.passes), "--buffer_batches", str(a.buffer_batches)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[stage].append(json.loads(out.strip().splitlines()[-1]))
+    rate = {}
+    for stage in STAGES:
+        best = min(t for r in runs[stage] for t in r["times"])
+        rate[stage] = runs[stage][0]["rows"] / best
+        rss = max(r["peak_rss_mb"] for r in runs[stage])
+        label = {"ceiling": "ceiling (read+decode)", "pipeline": "pipeline (train, 1 proc)",
+                 "eval": "pipeline (eval, 1 proc)",
+                 "workers": f"pipeline (train, {a.workers} workers)"}[stage]
+        extra = ""
+        if stage == "workers":
+            extra = f", largest worker {max(r['peak_worker_rss_mb'] for r in runs[stage]):.0f} MB"
+        print(f"{label:<28} {rate[stage]:8.0f} rows/s  {1e3 * a.batch_size / rate[stage]:6.1f} "
+              f"ms/batch  peak RSS {rss:5.0f} MB{extra}", flush=True)
+    print(f"eval_ratio_to_ceiling {rate['eval'] / rate['ceiling']:.3f}")
+    print(f"workers_ratio_to_ceiling {rate['workers'] / rate['ceiling']:.3f}")
+    print(f"ratio_to_ceiling {rate['pipeline'] / rate['ceiling']:.3f}")
 
 
 if __name__ == "__main__":
