@@ -59,15 +59,16 @@ Fixes relative to the reference
    moves rows into validation; with a single row group the last ``ceil(valid_ratio * rows)``
    rows are validation (the reference trained on nothing); ``valid_ratio = 0`` means no
    validation loader.
-9. Row-group order is reshuffled every epoch (seed + epoch, see ``set_epoch``) and rows are
-   shuffled across a buffer of ``buffer_batches`` batches that carries its remainder over, so
-   every batch but the last of a shard is full. Row groups are sharded over
-   (distributed rank, DataLoader worker), so every row is read exactly once per epoch;
-   validation and inference use the workers too. ``prefetch_factor`` is only passed with
-   workers.
+9. Row-group order is reshuffled every epoch (seed + epoch, see ``set_epoch``) and rows pass
+   through a shuffle buffer of ``buffer_batches`` batches (rows are converted straight into
+   it and leave it in batches drawn at random), so every batch but the last of a shard is
+   full. Row groups are sharded over (distributed rank, DataLoader worker), so every row is
+   read exactly once per epoch; validation and inference use the workers too.
+   ``prefetch_factor`` is only passed with workers, so ``num_workers=0`` works.
 10. Only the columns the layout needs are read, and every file's schema is checked up front:
     a missing column, a wrong Arrow type, an empty folder or an unreadable file is a
-    ``DataError`` naming the file, column and row group.
+    ``DataError`` naming the file, column and row group. ``label`` is float32.
+11. ``item_dense`` columns are read when the schema declares them.
 
 Process-wide settings: importing this module changes nothing. A multi-worker loader moves
 ~5 tensors per sequence domain per batch through shared memory; the default
@@ -87,7 +88,6 @@ from typing import (Any, Dict, Generator, Iterable, Iterator, List, Mapping, Nam
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -110,9 +110,10 @@ ID_COLUMNS = ("user_id", "timestamp")
 LABEL_COLUMN = "label_type"
 POSITIVE_LABEL_TYPE = 2
 
+# Rows converted at a time: per-call overheads (~120 columns) make smaller chunks slower per row.
+MIN_CHUNK_ROWS = 512
 _PAD = np.int64(1 << 40)  # event index of a padding position: never below a list length
 _WINDOWS = np.asarray(ACTIVITY_WINDOWS_S, dtype=np.int64)
-_FAR = np.int64(1 << 62)  # an age outside every activity window
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,8 @@ def _open(path: str) -> pq.ParquetFile:
 
 
 def scan_parquet(files: Sequence[str], columns: Mapping[str, str],
-                 optional: Mapping[str, str] = {}) -> Tuple[List[RowGroupSlice], List[str]]:
+                 optional: Optional[Mapping[str, str]] = None
+                 ) -> Tuple[List[RowGroupSlice], List[str]]:
     """Checks every file's footer (columns present, Arrow types) and lists its row groups.
 
     Reads parquet metadata only. Empty row groups are skipped.
@@ -251,6 +253,7 @@ def scan_parquet(files: Sequence[str], columns: Mapping[str, str],
     Raises:
         DataError: naming the file and column of the first problem found.
     """
+    optional = optional or {}
     units, present = [], set(optional)
     for path in files:
         pf = _open(path)
@@ -300,7 +303,8 @@ def split_row_groups(units: Sequence[RowGroupSlice], train_ratio: float, valid_r
     return train, valid
 
 
-def _split_rows(unit: RowGroupSlice, n_tail: int) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
+def _split_rows(unit: RowGroupSlice, n_tail: int
+                ) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
     """([head], [tail]) of one row group, the tail holding ``n_tail`` rows."""
     if n_tail >= unit.num_rows:
         raise DataError(f"{unit.path}: row group {unit.row_group} has {unit.num_rows} rows, too "
@@ -532,7 +536,8 @@ class BatchConverter:
         self._scratch = _Scratch()
         # group -> (specs, vocab per position, first position per spec, oov stat or -1 per spec)
         self._int_plans = {}
-        for key, specs in (("user_int_feats", layout.user_int), ("item_int_feats", layout.item_int)):
+        for key, specs in (("user_int_feats", layout.user_int),
+                           ("item_int_feats", layout.item_int)):
             self._int_plans[key] = (
                 specs, np.repeat([s.vocab_size for s in specs], [s.length for s in specs]),
                 np.array([s.offset for s in specs], dtype=np.int64),
@@ -586,7 +591,7 @@ class BatchConverter:
                               if self.read_labels else 0)
         lay = self.layout
         for key in ("user_int_feats", "item_int_feats"):
-            self._int_group(key, cols, out[key], rows, stats)
+            self._int_group(key, cols, rb.num_rows, out[key], rows, stats)
         dense = np.zeros((rb.num_rows, lay.user_dense_dim), dtype=np.float32)
         self._dense_group(lay.user_dense, cols, dense, stats)
         for d in lay.seq:
@@ -603,15 +608,14 @@ class BatchConverter:
         if ids.size and ids.max() == spec.vocab_size:  # count only when there is one
             stats[self._stat[f"oov/{spec.column}"]] += np.count_nonzero(ids == spec.vocab_size)
 
-    def _int_group(self, key: str, cols: Mapping[str, _Ragged], out: np.ndarray, rows: Rows,
-                   stats: np.ndarray) -> None:
+    def _int_group(self, key: str, cols: Mapping[str, _Ragged], n_rows: int, out: np.ndarray,
+                   rows: Rows, stats: np.ndarray) -> None:
         """Gathers every feature of an int group into one block, then cleans the block at once
         against the per-position vocabulary (one clip, not one per feature)."""
         specs, vocab, first, stat = self._int_plans[key]
         if not specs:
             return
-        block = np.zeros((out.shape[0] if isinstance(rows, slice) else len(rows), vocab.size),
-                         dtype=np.int64)
+        block = np.zeros((n_rows, vocab.size), dtype=np.int64)
         for s in specs:
             r = cols[s.column]
             if s.vocab_size == 0:  # no vocabulary: the feature stays 0
@@ -628,13 +632,14 @@ class BatchConverter:
 
     def _dense_group(self, specs: Sequence[FeatureSpec], cols: Mapping[str, _Ragged],
                      out: np.ndarray, stats: np.ndarray) -> None:
+        """Fills the zeroed ``out`` (all rows of the batch) with the group's dense lists."""
         for s in specs:
             if _is_activity(self.layout, s):  # written by _domain
                 continue
             r = cols[s.column]
-            mask, pos = _positions(r, np.arange(s.length)[None, :])
             if not r.values.size:  # every row empty: the feature stays 0
                 continue
+            mask, pos = _positions(r, np.arange(s.length)[None, :])
             x = r.values.take(pos).astype(np.float32, copy=False)
             ok = mask & np.isfinite(x)
             stats[self._stat[f"nonfinite/{s.column}"]] += np.count_nonzero(mask) - \
@@ -725,10 +730,10 @@ class PCVRDataset(IterableDataset):
     """Streams converted batches from a list of row-group slices.
 
     Each (distributed rank, DataLoader worker) reads every ``n_shards``-th row group of the
-    epoch's order, so every row is read once per epoch. With ``shuffle`` the row-group order
-    is a permutation seeded by ``seed + epoch``, and with ``buffer_batches > 0`` the rows of
-    ``buffer_batches`` consecutive batches are converted straight into random rows of one
-    buffer, which is then cut into batches (every batch of a shard is full but its last).
+    epoch's order, so every row is read once per epoch. Rows are read and converted
+    ``chunk_rows`` at a time. With ``shuffle`` the row-group order is a permutation seeded by
+    ``seed + epoch``, and with ``buffer_batches > 0`` rows pass through a shuffle buffer of
+    that many batches (every batch of a shard is then full but its last).
 
     Args:
         units: row-group slices to read.
@@ -752,12 +757,17 @@ class PCVRDataset(IterableDataset):
         self.layout = layout
         self.converter = BatchConverter(layout, data_cfg, read_labels)
         self.batch_size = batch_size
+        self.chunk_rows = batch_size * -(-MIN_CHUNK_ROWS // batch_size)  # a multiple of it
         self.shuffle = shuffle
         self.buffer_batches = max(0, int(buffer_batches))
         self.seed = seed
         self.epoch = 0
         # Captured here, in the main process: a spawned worker would not see the process group.
         self.rank, self.world = _shard_of_process()
+        self._pool: Optional[Dict[str, np.ndarray]] = None  # the shuffle pool, kept for reuse
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(self.__dict__, _pool=None)  # never pickle hundreds of MB of pool
 
     @property
     def stat_names(self) -> List[str]:
@@ -788,7 +798,8 @@ class PCVRDataset(IterableDataset):
             rng = np.random.default_rng([self.seed, self.epoch, shard])
             batches = self._shuffled(units, rng)
         else:
-            batches = map(self.converter, self._record_batches(units))
+            batches = (b for rb in self._record_batches(units)
+                       for b in _split(self.converter(rb), self.batch_size))
         for batch in batches:
             yield {k: torch.from_numpy(v) for k, v in batch.items()}
 
@@ -796,25 +807,33 @@ class PCVRDataset(IterableDataset):
                   ) -> Iterator[Dict[str, np.ndarray]]:
         """A shuffle buffer that rows are converted straight into.
 
-        The pool holds up to ``buffer_batches * batch_size`` rows plus one batch of headroom;
+        The pool holds up to ``buffer_batches * batch_size`` rows plus one chunk of headroom;
         whenever it holds more than that, a batch of rows drawn at random leaves it, and the
-        freed rows take the next rows read. The pool is allocated once per pass, so its
-        hundreds of MB are not faulted in again every round.
+        freed rows take the next rows read. The pool is kept for the next pass, so its
+        hundreds of MB are not faulted in again and again.
         """
         B, cap = self.batch_size, self.buffer_batches * self.batch_size
-        pool = self.converter.allocate(min(cap + B, sum(u.num_rows for u in units)))
-        size = pool["label"].shape[0]
+        size = min(cap + self.chunk_rows, sum(u.num_rows for u in units))
+        if size == 0:  # an idle shard (more workers than row groups)
+            return
+        pool, self._pool = self._pool, None  # taken, so that a concurrent pass makes its own
+        if pool is None or pool["label"].shape[0] != size:
+            pool = self.converter.allocate(size)
+        pool["data_stats"][:] = 0
         slots = np.arange(size)  # slots[:held] hold rows, slots[held:] are free
         held = 0
-        for rb in self._record_batches(units):
-            while rb.num_rows:
-                n = min(rb.num_rows, size - held)
-                self.converter(rb.slice(0, n), pool, slots[held:held + n])
-                held, rb = held + n, rb.slice(n)
-                while held > cap:
-                    held = yield from _draw(pool, slots, held, B, rng)
-        while held:
-            held = yield from _draw(pool, slots, held, min(B, held), rng)
+        try:
+            for rb in self._record_batches(units):
+                while rb.num_rows:
+                    n = min(rb.num_rows, size - held)
+                    self.converter(rb.slice(0, n), pool, slots[held:held + n])
+                    held, rb = held + n, rb.slice(n)
+                    while held > cap:
+                        held = yield from _draw(pool, slots, held, B, rng)
+            while held:
+                held = yield from _draw(pool, slots, held, min(B, held), rng)
+        finally:
+            self._pool = pool  # drawn batches are copies: nothing refers to the pool any more
 
     def _record_batches(self, units: Iterable[RowGroupSlice]) -> Iterator[pa.RecordBatch]:
         files: Dict[str, pq.ParquetFile] = {}
@@ -825,7 +844,7 @@ class PCVRDataset(IterableDataset):
             pf = files[u.path]
             row = 0
             try:
-                for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=[u.row_group],
+                for rb in pf.iter_batches(batch_size=self.chunk_rows, row_groups=[u.row_group],
                                           columns=columns, use_threads=False):
                     lo, hi = max(u.start - row, 0), min(u.stop - row, rb.num_rows)
                     row += rb.num_rows
@@ -846,6 +865,16 @@ def _bad_column(pf: pq.ParquetFile, row_group: int, columns: Sequence[str]) -> s
         except (OSError, pa.ArrowException):
             return f"column '{col}' "
     return ""
+
+
+def _split(batch: Dict[str, np.ndarray], batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
+    """``batch_size``-row views of a converted chunk; its ``data_stats`` go with the first."""
+    stats = batch.pop("data_stats")
+    n = batch["label"].shape[0]
+    for lo in range(0, n, batch_size):
+        view = {k: v[lo:lo + batch_size] for k, v in batch.items()}
+        view["data_stats"] = stats if lo == 0 else np.zeros_like(stats)
+        yield view
 
 
 def _draw(pool: Dict[str, np.ndarray], slots: np.ndarray, held: int, n: int,
@@ -890,12 +919,6 @@ def make_loader(dataset: PCVRDataset, num_workers: int, pin_memory: Optional[boo
                       persistent_workers=False, **kwargs)
 
 
-def _layout_for(schema_path: str, data_cfg: DataConfig) -> FeatureLayout:
-    layout, _ = load_schema(schema_path, parse_seq_max_lens(data_cfg.seq_max_lens),
-                            data_cfg.use_user_activity_dense)
-    return layout
-
-
 def get_pcvr_data(data_dir: str, schema_path: Optional[str], data_cfg: DataConfig,
                   batch_size: int, num_workers: int, buffer_batches: int, train_ratio: float,
                   valid_ratio: float, seed: int, logger: Optional[logging.Logger] = None,
@@ -921,7 +944,8 @@ def get_pcvr_data(data_dir: str, schema_path: Optional[str], data_cfg: DataConfi
     if schema_path is None:
         schema_path = os.path.join(data_dir if os.path.isdir(data_dir)
                                    else os.path.dirname(data_dir), "schema.json")
-    layout = _layout_for(schema_path, data_cfg)
+    layout, _ = load_schema(schema_path, parse_seq_max_lens(data_cfg.seq_max_lens),
+                            data_cfg.use_user_activity_dense)
     columns = required_columns(layout, read_labels=True)
     units, _ = scan_parquet(files, columns)
     train, valid = split_row_groups(units, train_ratio, valid_ratio)

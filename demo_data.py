@@ -554,16 +554,19 @@ def _generic_list(rng: np.random.Generator, n: int, vocab: int, dim: int, mean_l
 
 
 def _entity_lists(rng: np.random.Generator, scores: np.ndarray, mean_len: np.ndarray,
-                  dim: int, null: np.ndarray, id_map: _IdMap) -> Tuple[_Ragged, np.ndarray]:
+                  dim: int, null: np.ndarray, id_map: _IdMap
+                  ) -> Tuple[_Ragged, np.ndarray, np.ndarray]:
     """Per-person engagement lists (fids 62-66): the top entities by ``scores`` + Gumbel noise.
 
-    Returns the list (ids sorted by descending engagement value, values aligned) and the dense
-    (persons, entities) matrix of values (0 where the entity is absent).
+    Returns the list (ids sorted by descending engagement value, values aligned), and the
+    latent entity and owning person of every list element.
     """
     n, k = scores.shape
     lengths = np.where(null, 0, np.minimum(rng.poisson(mean_len), min(dim, k)))
-    order = np.argsort(-(scores + rng.gumbel(size=scores.shape)), axis=1)
-    chosen = order[np.arange(k)[None, :] < lengths[:, None]]
+    top = max(int(lengths.max()), 1)
+    noisy = scores - np.log(-np.log(rng.random((n, k), dtype=np.float32) + 1e-12))
+    best = np.argpartition(-noisy, top - 1, axis=1)[:, :top]      # the top entities, unsorted
+    chosen = best[np.arange(top)[None, :] < lengths[:, None]]
     rows = np.repeat(np.arange(n), lengths)
     z = (scores - scores.mean()) / (scores.std() + 1e-9)
     log_w = PAIR_LOG_MEAN + PAIR_LOG_TASTE * z[rows, chosen] \
@@ -571,9 +574,7 @@ def _entity_lists(rng: np.random.Generator, scores: np.ndarray, mean_len: np.nda
     values = np.clip(np.exp(log_w), 1.0, 5e7).astype(np.float32)
     by_value = np.lexsort((-values, rows))
     chosen, values = chosen[by_value], values[by_value]
-    matrix = np.zeros((n, k), dtype=np.float32)
-    matrix[rows, chosen] = values
-    return _ragged_from_lengths(lengths, id_map(chosen), null, values), matrix
+    return _ragged_from_lengths(lengths, id_map(chosen), null, values), chosen, rows
 
 
 def _build_items(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
@@ -631,8 +632,12 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
     taste = latent @ cat_z.T / 1.3
     prob = np.exp(taste - taste.max(axis=1, keepdims=True))
     cum = np.cumsum(prob / prob.sum(axis=1, keepdims=True), axis=1)
+    cum[:, -1] = 1.0
+    # Row p's quantiles searched in its own cumulative distribution, all rows at once.
+    shift = 2.0 * np.arange(n)[:, None]
     quantiles = (np.arange(TASTE_TABLE) + 0.5) / TASTE_TABLE
-    taste_table = (cum[:, None, :] < quantiles[None, :, None]).sum(axis=2).astype(np.int64)
+    taste_table = (np.searchsorted((cum + shift).ravel(), (quantiles + shift).ravel())
+                   .reshape(n, TASTE_TABLE) - N_CATEGORIES * np.arange(n)[:, None])
     activity = np.exp(rng.normal(0.0, 0.35, n) - 0.35 ** 2 / 2)
     visits = np.sqrt(activity)
     visit_cum = np.cumsum(visits) / visits.sum()
@@ -642,14 +647,16 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
     embeddings: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
     pair_w: Dict[int, np.ndarray] = {}
     engaged_null = _null_mask(rng, n, 0.08)       # persons without engagement lists 62-66
-    subcat_scores = np.repeat(taste, SUBCATS_PER_CATEGORY, axis=1)
+    f32 = np.float32
+    subcat_scores = np.repeat(taste.astype(f32), SUBCATS_PER_CATEGORY, axis=1)
+    n_leaves = subcat_scores.shape[1] * LEAVES_PER_SUBCAT
     entity_scores = {
-        62: rng.standard_normal((n, N_ITEM_TYPES)),
-        63: taste,
-        64: rng.standard_normal((n, N_GENERIC_ENTITIES)),
-        65: subcat_scores + 0.7 * rng.standard_normal(subcat_scores.shape),
+        62: rng.standard_normal((n, N_ITEM_TYPES), dtype=f32),
+        63: taste.astype(f32),
+        64: rng.standard_normal((n, N_GENERIC_ENTITIES), dtype=f32),
+        65: subcat_scores + 0.7 * rng.standard_normal(subcat_scores.shape, dtype=f32),
         66: np.repeat(subcat_scores, LEAVES_PER_SUBCAT, axis=1)
-        + 0.7 * rng.standard_normal((n, subcat_scores.shape[1] * LEAVES_PER_SUBCAT)),
+        + 0.7 * rng.standard_normal((n, n_leaves), dtype=f32),
     }
     entity_mean_len = {62: 2.0, 63: 4.0, 64: 6.0, 65: 12.0, 66: 16.0}
     dense_fids = {f for f, _ in layout.user_dense}
@@ -658,8 +665,11 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
         if fid in entity_scores:
             maps[f"user_{fid}"] = _IdMap.make(rng, vocab)
             mean_len = entity_mean_len[fid] * activity ** 0.7
-            lists[fid], pair_w[fid] = _entity_lists(rng, entity_scores[fid], mean_len, dim,
-                                                    engaged_null, maps[f"user_{fid}"])
+            lists[fid], entity, owner = _entity_lists(rng, entity_scores[fid], mean_len, dim,
+                                                      engaged_null, maps[f"user_{fid}"])
+            if fid in PAIR_WEIGHTS:
+                pair_w[fid] = np.zeros(entity_scores[fid].shape, dtype=np.float32)
+                pair_w[fid][owner, entity] = lists[fid].dense
             if fid not in dense_fids:
                 lists[fid].dense = None
         elif dim > 1 and fid in dense_fids:
@@ -696,18 +706,17 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
     for fid, dim in layout.user_dense:
         if fid in lists:
             continue
+        noise = rng.standard_normal((n, dim), dtype=f32)
         if fid == 61:
-            signal = latent @ rng.standard_normal((LATENT_DIM, dim)) * 0.025
-            values = np.clip(signal + 0.04 * rng.standard_normal((n, dim)), -0.25, 0.2)
+            signal = (latent @ rng.standard_normal((LATENT_DIM, dim)) * 0.025).astype(f32)
+            values = np.clip(signal + 0.04 * noise, -0.25, 0.2)
         elif fid == 87:
             proj = rng.standard_normal((profile.shape[1], dim)) / math.sqrt(profile.shape[1])
-            values = np.clip(0.15 * profile @ proj + 0.1 * rng.standard_normal((n, dim)),
-                             -0.68, 0.68)
+            values = np.clip((0.15 * profile @ proj).astype(f32) + 0.1 * noise, -0.68, 0.68)
         else:
-            values = 0.1 * rng.standard_normal((n, dim))
+            values = 0.1 * noise
         # Stored at 1/256 resolution (far below the noise) so that parquet compresses them.
-        embeddings[fid] = ((np.round(values * 256.0) / 256.0).astype(np.float32),
-                           _null_mask(rng, n, 0.005))
+        embeddings[fid] = (np.round(values * 256.0) / 256.0, _null_mask(rng, n, 0.005))
     return _Persons(segment, age, gender, region, taste, taste_table, activity, visit_cum,
                     latent, pair_w, scalars, lists, embeddings)
 

@@ -23,7 +23,7 @@ reference bug pipeline_spec §7.3.10 (raw magnitudes fed straight into Linear la
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -406,7 +406,3 @@ class SequenceTokenizer(nn.Module):
             parts.append(self.id_dropout(e) if is_id else e)
         return F.gelu(self.norm(self.proj(torch.cat(parts, dim=-1))))
 
-
-def embedding_tables(module: nn.Module) -> Dict[str, nn.Embedding]:
-    """Every ``nn.Embedding`` below ``module``, by qualified name."""
-    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Embedding)}

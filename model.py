@@ -228,7 +228,8 @@ class HyFormerBlock(nn.Module):
                          f"{cfg.seq_encoder_type!r}")
 
     def forward(self, q: torch.Tensor, ns: torch.Tensor, seqs: List[torch.Tensor],
-                lens: List[torch.Tensor]):
+                lens: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor,
+                                                   List[torch.Tensor], List[torch.Tensor]]:
         encoded = [enc(s, n) for enc, s, n in zip(self.encoders, seqs, lens)]
         seqs, lens = [s for s, _ in encoded], [n for _, n in encoded]
         q = torch.stack([attn(q[:, i], s, n) for i, (attn, s, n)
@@ -285,8 +286,7 @@ class PCVRHyFormer(nn.Module):
             raise ValueError("the schema has no sequence domain; HyFormer needs at least one")
         self._check_crosses(cfg)
         self.cfg = cfg
-        self.domains = layout.domains
-        num_domains = len(self.domains)
+        num_domains = len(layout.seq)
         skip = cfg.emb_skip_threshold
 
         # NS tokenizers (user / item), §3, §9.3, §9.4.
@@ -472,7 +472,8 @@ class PCVRHyFormer(nn.Module):
         return [getattr(self, n) for n in names if getattr(self, n, None) is not None]
 
     # ------------------------------------------------------------------ forward
-    def _ns_tokens(self, batch: Mapping[str, torch.Tensor]):
+    def _ns_tokens(self, batch: Mapping[str, torch.Tensor]
+                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """-> NS tokens ``[B, N_ns, D]``, aux losses, sample weight (§3, §9)."""
         user_dense = batch["user_dense_feats"]
         user_emb = self.user_tokenizer.embedding(batch["user_int_feats"], user_dense)
@@ -513,7 +514,8 @@ class PCVRHyFormer(nn.Module):
             ns = self.se_gate(ns)
         return ns, aux, sample_weight
 
-    def _sequence_tokens(self, batch: Mapping[str, torch.Tensor]):
+    def _sequence_tokens(self, batch: Mapping[str, torch.Tensor]
+                         ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """-> per-domain tokens ``S x [B, L, D]`` and lengths ``S x [B]`` (§4)."""
         seqs, lens = [], []
         for name, tokenizer in self.seq_tokenizers.items():

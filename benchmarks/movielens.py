@@ -208,6 +208,7 @@ class Split:
     valid: EvalSet
     test: EvalSet
     long_tail: np.ndarray    # [n_items] bool
+    train_count: np.ndarray  # [n_items] train ratings per item
 
 
 def label_of(rating: np.ndarray) -> np.ndarray:
@@ -250,10 +251,16 @@ def make_split(data: MovieLens) -> Split:
     by_popularity = np.lexsort((np.arange(data.n_items), counts))  # ascending, ties by id
     long_tail = np.zeros(data.n_items, dtype=bool)
     long_tail[by_popularity[:int(LONG_TAIL_FRACTION * data.n_items)]] = True
-    return Split(user[train], item[train], label[train], valid, test, long_tail)
+    return Split(user[train], item[train], label[train], valid, test, long_tail, counts)
 
 
 # ----------------------------------------------------------------------------- model
+
+
+def item_atom_ids(train_count: np.ndarray, min_count: int) -> np.ndarray:
+    """Row of each item in the item id table: items with fewer than ``min_count`` train
+    ratings share row 0 (the log's low-frequency filter), the others get ``1 + index``."""
+    return np.where(train_count >= min_count, np.arange(len(train_count)) + 1, 0)
 
 
 class UserFeatures(nn.Module):
@@ -275,17 +282,18 @@ class ItemFeatures(nn.Module):
     """Item index ``[B]`` -> atom ``[B, 2E]`` (id, mean title word) and side ``[B, E]``
     (mean genre)."""
 
-    def __init__(self, data: MovieLens, emb_dim: int):
+    def __init__(self, data: MovieLens, emb_dim: int, atom_ids: np.ndarray):
         super().__init__()
+        self.register_buffer("atom_ids", torch.from_numpy(atom_ids))
         self.register_buffer("title_ids", torch.from_numpy(data.item_title))
         self.register_buffer("genre_ids", torch.from_numpy(data.item_genres))
-        self.id = nn.Embedding(data.n_items, emb_dim)
+        self.id = nn.Embedding(int(atom_ids.max()) + 1, emb_dim)
         self.title = nn.EmbeddingBag(data.title_vocab, emb_dim, mode="mean", padding_idx=0)
         self.genre = nn.EmbeddingBag(data.genre_vocab, emb_dim, mode="mean", padding_idx=0)
         self.atom_dim, self.side_dim = 2 * emb_dim, emb_dim
 
     def forward(self, items: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        atom = torch.cat([self.id(items), self.title(self.title_ids[items])], -1)
+        atom = torch.cat([self.id(self.atom_ids[items]), self.title(self.title_ids[items])], -1)
         return atom, self.genre(self.genre_ids[items])
 
 
@@ -336,12 +344,13 @@ class TwoTower(nn.Module):
     """Score = dot product of the user tower's and the item tower's vectors."""
 
     def __init__(self, data: MovieLens, variant: str, emb_dim: int, dim: int,
-                 cfg: DecouplingConfig):
+                 cfg: DecouplingConfig, item_atom_ids: np.ndarray):
         super().__init__()
+        self.n_users, self.n_items = data.n_users, data.n_items
         user_variant = ("mlp_concat_head" if variant == "decoupled" and not cfg.decouple_user
                         else variant)
         self.users = Tower(UserFeatures(data, emb_dim), dim, user_variant, cfg)
-        self.items = Tower(ItemFeatures(data, emb_dim), dim, variant, cfg)
+        self.items = Tower(ItemFeatures(data, emb_dim, item_atom_ids), dim, variant, cfg)
 
 
 # ----------------------------------------------------------------------------- train / eval
@@ -381,8 +390,8 @@ def pair_bpr(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: TwoTower, ev: EvalSet, long_tail: np.ndarray) -> Dict[str, float]:
     model.eval()
-    users = model.users(torch.arange(model.users.features.id.num_embeddings))[0]
-    items = model.items(torch.arange(model.items.features.id.num_embeddings))[0]
+    users = model.users(torch.arange(model.n_users))[0]
+    items = model.items(torch.arange(model.n_items))[0]
     cand = torch.from_numpy(ev.items)
     labels = torch.from_numpy(ev.labels)
     scores = (users[torch.from_numpy(ev.users)][:, None, :] * items[cand]).sum(-1)  # [U, C]
@@ -401,6 +410,7 @@ class TrainSettings:
     weight_decay: float
     emb_dim: int
     dim: int
+    atom_min_count: int
     max_steps_per_epoch: Optional[int]  # None = a full pass over the train ratings
 
 
@@ -466,7 +476,8 @@ def run_one(data: MovieLens, split: Split, ev: EvalSet, variant: str, cfg: Decou
     """Trains one model from ``seed`` and returns its metrics on ``ev``."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = TwoTower(data, variant, ts.emb_dim, ts.dim, cfg)
+    model = TwoTower(data, variant, ts.emb_dim, ts.dim, cfg,
+                     item_atom_ids(split.train_count, ts.atom_min_count))
     opt = torch.optim.AdamW(model.parameters(), lr=ts.lr, weight_decay=ts.weight_decay)
     sampler = PairSampler(split, data.n_users, data.n_items)
     for _ in range(ts.epochs):
@@ -557,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--emb_dim", type=int, default=32, help="width of every embedding table")
     p.add_argument("--dim", type=int, default=32, help="width of each tower half (side, atom)")
+    p.add_argument("--atom_min_count", type=int, default=0,
+                   help="items with fewer train ratings share one item id embedding")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     add_section_args(p, DecouplingConfig)
     # The log decouples both entities, and the losses are the only training signal besides
@@ -581,7 +594,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[Dict[str, float]]]:
     cfg = section_from_namespace(DecouplingConfig, args)
     ts = TrainSettings(epochs=1 if args.quick else args.epochs, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, emb_dim=args.emb_dim,
-                       dim=args.dim, max_steps_per_epoch=5 if args.quick else None)
+                       dim=args.dim, atom_min_count=args.atom_min_count,
+                       max_steps_per_epoch=5 if args.quick else None)
     ev = split.valid if args.split == "valid" else split.test
     print(f"# {data.n_users} users, {data.n_items} items, {len(split.train_user)} train "
           f"ratings, {len(ev.users)} {args.split} users; {ts}", file=sys.stderr)

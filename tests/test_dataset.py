@@ -19,7 +19,7 @@ from config import DataConfig, parse_seq_max_lens
 from dataset import (NUM_TIME_BUCKETS, TIME_BUCKET_BOUNDARIES, BatchConverter, DataError,
                      DataStats, PCVRDataset, get_eval_loader, get_pcvr_data, recent_order,
                      split_row_groups)
-from schema import parse_schema
+from schema import PAIR_FIDS, parse_schema
 
 LN2, LN3, LN4 = math.log1p(1), math.log1p(2), math.log1p(3)
 
@@ -146,15 +146,12 @@ def slow_convert(rows, layout, cfg, read_labels):
     for d in layout.seq:
         for suffix in ("", "_len", "_time_bucket", "_hour", "_dayofweek"):
             out[d.name + suffix] = []
-    pair_len = {}
-    for i in layout.user_int:
-        for de in layout.user_dense:
-            if i.fid == de.fid and i.fid in (62, 63, 64, 65, 66):
-                pair_len[i.fid] = None
+    dense_fids = {s.fid for s in layout.user_dense}
+    pair_fids = [s.fid for s in layout.user_int if s.fid in PAIR_FIDS and s.fid in dense_fids]
     for row in rows:
         T_ = row["timestamp"] or 0
         pairs = {}
-        for fid in pair_len:
+        for fid in pair_fids:
             li = row[f"user_int_feats_{fid}"]
             ld = row[f"user_dense_feats_{fid}"]
             li, ld = len(li or []), len(ld or [])
@@ -226,8 +223,10 @@ def slow_convert(rows, layout, cfg, read_labels):
             tb, hr, dw = [], [], []
             for j in kept:
                 t = key[j] if key is not None else 0
-                if t <= 0:
-                    tb.append(0), hr.append(0), dw.append(0)
+                if t <= 0:  # padding and missing timestamps
+                    tb.append(0)
+                    hr.append(0)
+                    dw.append(0)
                     continue
                 delta = max(T_ - t, 0)
                 tb.append(min(bisect.bisect_left(TIME_BUCKET_BOUNDARIES.tolist(), delta), 62) + 1)
@@ -286,8 +285,8 @@ def prop_rows(draw):
 
 def to_table(rows):
     types = {"user_id": pa.int64(), "timestamp": pa.int64(), "label_type": pa.int32()}
-    for group, specs in (("user_int", PROP_SCHEMA["user_int"]), ("item_int", PROP_SCHEMA["item_int"])):
-        for fid, _, dim in specs:
+    for group in ("user_int", "item_int"):
+        for fid, _, dim in PROP_SCHEMA[group]:
             types[f"{group}_feats_{fid}"] = pa.int64() if dim == 1 else INT_LIST
     for group in ("user_dense", "item_dense"):
         for fid, _ in PROP_SCHEMA[group]:
@@ -391,7 +390,8 @@ def test_int32_scalars_and_large_lists_are_accepted(tmp_path):
     cfg = DataConfig(seq_max_lens=GOLDEN_SEQ_MAX_LENS)
     train, _, _, _ = get_pcvr_data(str(tmp_path), None, cfg, 8, 0, 0, 1.0, 0.0, 0)
     (b,) = list(train)
-    assert b["item_int_feats"].tolist() == [[6], [7], [0]] and b["seq_d"][0, 0, :2].tolist() == [4, 4]
+    assert b["item_int_feats"].tolist() == [[6], [7], [0]]
+    assert b["seq_d"][0, 0, :2].tolist() == [4, 4]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -459,7 +459,7 @@ def test_corrupt_row_group_names_file_row_group_and_column(tmp_path):
     assert f"{path}: row group 1: cannot decode column 'item_int_feats_5'" in str(err.value)
 
 
-# ----------------------------------------------------------------------------- split, shuffle, workers
+# ------------------------------------------------------------------------ split, shuffle, workers
 def user_ids(loader, epoch=0):
     loader.set_epoch(epoch)
     return [u for b in loader for u in b["user_id"].tolist()]
@@ -508,6 +508,9 @@ def test_single_row_group_splits_rows(tmp_path):
     assert sorted(user_ids(train)) == list(range(7)) and user_ids(valid) == [7, 8, 9]
     half, valid_half, _, _ = load(tmp_path, valid_ratio=0.25, train_ratio=0.5)
     assert sorted(user_ids(half)) == [0, 1, 2] and user_ids(valid_half) == [7, 8, 9]
+    for train_ratio, valid_ratio in ((0.0, 0.1), (1.5, 0.1), (1.0, 1.0), (1.0, -0.1)):
+        with pytest.raises(ValueError, match="_ratio must be in"):
+            load(tmp_path, train_ratio=train_ratio, valid_ratio=valid_ratio)
     with pytest.raises(DataError, match="too few"):
         split_row_groups(dataset.scan_parquet(
             dataset.list_parquet_files(str(tmp_path)), {})[0][:1], 1.0, 0.95)
@@ -557,9 +560,12 @@ def test_two_workers_read_every_row_once(tiny, shuffle):
 
 def test_eval_loader_reads_all_rows_and_labels_only_when_asked(tiny, tmp_path):
     layout = layout_of(TINY_SCHEMA, TINY_SEQ_MAX_LENS)
-    loader = get_eval_loader(str(tiny), layout, tiny_cfg(), 8, 0, read_labels=True)
+    loader = get_eval_loader(str(tiny), layout, tiny_cfg(), 4, 0, read_labels=True)
     batches = list(loader)
     assert [u for b in batches for u in b["user_id"].tolist()] == list(range(57))  # stored order
+    assert [len(b["label"]) for b in batches] == [4, 2] * 9 + [3]  # row groups of 6, 6, .., 3
+    for b in batches:
+        assert_aligned(b)
     assert sum(float(b["label"].sum()) for b in batches) == 19
     no_labels = get_eval_loader(str(tiny), layout, tiny_cfg(), 8, 0, read_labels=False)
     assert all(float(b["label"].sum()) == 0 for b in no_labels)

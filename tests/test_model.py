@@ -395,6 +395,17 @@ def test_reinit_only_touches_tables_above_threshold():
     assert len(model.reinit_high_cardinality_params(0)) == len(model.feature_tables())
 
 
+@pytest.mark.parametrize("to_dense", [False, True])
+def test_request_time_is_added_to_user_tokens_only(to_dense):
+    model = make_model(make_cfg(use_abs_time_emb=True, add_user_time_to_dense_tok=to_dense))
+    batch = make_batch()
+    other = dict(batch, hour=(batch["hour"] + 5) % 24)
+    with torch.no_grad():
+        changed = (model._ns_tokens(batch)[0] != model._ns_tokens(other)[0]).any(-1).any(0)
+    # Tokens: [user NS][user dense][item NS][item dense].
+    assert changed.tolist() == [True, to_dense, False, False]
+
+
 def test_user_time_missing_as_padding_tables():
     model = make_model(make_cfg(use_abs_time_emb=True), user_time_missing_as_padding=True)
     assert model.user_hour_emb.num_embeddings == 25 and model.user_dow_emb.padding_idx == 0
@@ -472,6 +483,15 @@ def test_pair_mode_errors():
         make_model(make_cfg(use_pair_62_66=True, emb_skip_threshold=8))
 
 
+def test_activity_fids_are_all_or_none_in_pair_mode():
+    raw = json.loads(json.dumps(RAW_SCHEMA))
+    raw["user_dense"].append([900, 1])
+    with pytest.raises(ValueError, match="all-or-none"):
+        make_model(make_cfg(use_pair_62_66=True), layout=make_layout(raw, activity=False))
+    heads = make_model(make_cfg(use_pair_62_66=True)).user_dense_token.heads
+    assert len(heads) == 6 and heads[-1].cols.numel() == 16  # 61, 87, 89-91 + activity
+
+
 def test_ns_group_errors():
     good = {"user_ns_groups": {"a": [s.fid for s in LAYOUT.user_int]}}
     assert make_model(make_cfg(ns_tokenizer_type="group", rank_mixer_mode="none"),
@@ -510,3 +530,10 @@ def test_build_model_resolves_a_groups_path(tmp_path):
     assert model.item_tokenizer.num_tokens == 2 and model.user_tokenizer.num_tokens == 15
     assert build_model(LAYOUT, dataclasses.replace(cfg), DecouplingConfig(), "").num_ns_tokens \
         == 15 + 1 + 6 + 1
+
+
+def test_time_bucket_table_matches_the_data_pipeline():
+    import dataset
+    import feature_tokens
+    assert feature_tokens.NUM_TIME_BUCKETS == dataset.NUM_TIME_BUCKETS
+    assert make_model().time_bucket_emb.num_embeddings == dataset.NUM_TIME_BUCKETS
