@@ -429,14 +429,64 @@ def _first(r: _Ragged) -> np.ndarray:
 def head_order(n: np.ndarray, max_len: int) -> np.ndarray:
     """int64 [B, L]: event indices of the first ``max_len`` stored events, ``_PAD`` after."""
     pos = np.arange(max_len, dtype=np.int64)
-    return pos + (pos >= np.minimum(n, max_len)[:, None]) * _PAD
+    return np.where(pos < np.minimum(n, max_len)[:, None], pos, _PAD)
+
+
+def _pair_counts(flags: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """int64 [B]: per row, how many of its adjacent event pairs are flagged.
+
+    ``flags[i]`` (cleared here where it straddles two rows) is the pair (i, i + 1) of the
+    concatenated rows of lengths ``n``.
+    """
+    ends = np.cumsum(n)
+    flags[ends[(ends >= 1) & (ends <= flags.size)] - 1] = False  # pairs across two rows
+    multi = n >= 2
+    counts = np.zeros(n.size, dtype=np.int64)
+    if multi.any():
+        counts[multi] = np.add.reduceat(flags.view(np.uint8), (ends - n)[multi], dtype=np.int64)
+    return counts
+
+
+def _stable_reverse(key: np.ndarray, n: np.ndarray, rows: np.ndarray, max_len: int
+                    ) -> np.ndarray:
+    """Newest-first order of ``rows`` whose keys never decrease: stored order reversed, but
+    each run of equal keys kept in stored order, as a stable sort would.
+
+    Works on the last ``L`` events of each row only: walking them backwards, a run of equal
+    keys covering positions [a, z] holds the stored events [s, s + z - a], where
+    ``s = n - 1 - z``, except for a run reaching back past the window, whose start ``s`` is
+    found by a binary search. Returns int64 [len(rows), L] event indices, ``_PAD`` after.
+    """
+    n_r, seg = n[rows], (np.cumsum(n) - n)[rows]
+    m = np.minimum(n_r, max_len)
+    p = np.arange(max_len, dtype=np.int64)
+    kept = p < m[:, None]
+    w = key[seg[:, None] + np.where(kept, n_r[:, None] - 1 - p, 0)]  # keys walking back
+    new = ~kept  # every padding position is a run of its own
+    new[:, 0] = True
+    new[:, 1:] |= w[:, 1:] != w[:, :-1]
+    a = np.maximum.accumulate(np.where(new, p, 0), axis=1)
+    last = np.append(new[:, 1:], np.ones((len(rows), 1), dtype=bool), axis=1)
+    z = np.minimum.accumulate(np.where(last, p, max_len)[:, ::-1], axis=1)[:, ::-1]
+    s = n_r[:, None] - 1 - z
+    cut = np.flatnonzero(m < n_r)  # the oldest kept run may start before the window
+    if cut.size:
+        k0 = w[cut, m[cut] - 1]
+        lo, hi = np.zeros(cut.size, dtype=np.int64), n_r[cut] - m[cut]
+        while (lo < hi).any():  # first stored index whose key is k0
+            mid = (lo + hi) // 2
+            below = key[seg[cut] + mid] < k0
+            lo, hi = np.where(below, mid + 1, lo), np.where(below, hi, mid)
+        edge = z[cut] == (m[cut] - 1)[:, None]
+        s[cut] = np.where(edge, lo[:, None], s[cut])
+    return np.where(kept, s + p - a, _PAD)
 
 
 def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
     """Event indices of the ``max_len`` most recent events per row, newest first.
 
-    Ties keep stored order. Rows already newest first (non-increasing keys) or strictly
-    oldest first are handled without sorting; the rest share one ``lexsort``.
+    Ties keep stored order. Rows stored newest first (keys never increase) or oldest first
+    (keys never decrease) are handled without sorting; the rest share one ``lexsort``.
 
     Args:
         key: int64 [sum(n)], every row's event timestamps in stored order (0 = missing).
@@ -446,21 +496,19 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
         int64 [B, L]: stored event index per kept position, ``_PAD`` after the last one.
     """
     idx = head_order(n, max_len)
-    later = np.flatnonzero(key[1:] > key[:-1]) + 1  # events newer than their predecessor
-    if not later.size:
+    n_rise = _pair_counts(key[1:] > key[:-1], n)
+    if not n_rise.any():  # every row newest first already
         return idx
-    ends = np.cumsum(n)
-    row = np.searchsorted(ends, later, side="right")
-    inside = later != ends[row] - n[row]  # a row's first event has no predecessor
-    n_rise = np.bincount(row[inside], minlength=n.size)
-    reverse = (n_rise > 0) & (n_rise == n - 1)  # strictly oldest first
-    idx[reverse] = np.where(idx[reverse] < _PAD, n[reverse, None] - 1 - idx[reverse], _PAD)
-    rows = np.flatnonzero((n_rise > 0) & ~reverse)
+    n_fall = _pair_counts(key[1:] < key[:-1], n)
+    ascending = np.flatnonzero((n_rise > 0) & (n_fall == 0))
+    if ascending.size:
+        idx[ascending] = _stable_reverse(key, n, ascending, max_len)
+    rows = np.flatnonzero((n_rise > 0) & (n_fall > 0))
     if rows.size:
         n_o = n[rows]
         row_of = np.repeat(rows, n_o)
         j = np.arange(int(n_o.sum()), dtype=np.int64) - np.repeat(np.cumsum(n_o) - n_o, n_o)
-        order = np.lexsort((-key[(ends - n)[row_of] + j], row_of))  # by row, newest first
+        order = np.lexsort((-key[(np.cumsum(n) - n)[row_of] + j], row_of))  # newest first
         sel = j < max_len  # rank within the row equals j: rows keep their segment layout
         idx[row_of[sel], j[sel]] = j[order[sel]]
     return idx
@@ -481,16 +529,21 @@ def _hour_dow(ts: np.ndarray, offset_s: int, out: Optional[Tuple[np.ndarray, np.
 
 
 def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.ndarray:
-    """int64 [B, 3]: per row, events with 0 < ts_row - key <= 1, 3, 5 days (key 0 = missing)."""
+    """int64 [B, 3]: per row, events with 0 < ts_row - key <= 1, 3, 5 days (key 0 = missing).
+
+    ``key`` holds every row's events concatenated (lengths ``n``).
+    """
     age = np.repeat(ts_row, n)
     age -= key
-    age -= 1  # as unsigned, age - 1 < 5 days  <=>  1 <= age <= 5 days
-    hits = np.flatnonzero(age.view(np.uint64) < _WINDOWS[-1])
-    hits = hits[key[hits] > 0]
-    row = np.searchsorted(np.cumsum(n), hits, side="right")
-    window = np.searchsorted(_WINDOWS, age[hits] + 1)  # 0: <= 1 d, 1: <= 3 d, 2: <= 5 d
-    counts = np.bincount(row * 3 + window, minlength=3 * n.size).reshape(n.size, 3)
-    return np.cumsum(counts, axis=1)
+    age -= 1  # as unsigned, age - 1 < W  <=>  1 <= age <= W
+    np.copyto(age, -1, where=key == 0)  # a missing timestamp is in no window
+    rows = np.flatnonzero(n)
+    counts = np.zeros((n.size, len(_WINDOWS)), dtype=np.int64)
+    for w, window in enumerate(_WINDOWS):
+        inside = age.view(np.uint64) < window
+        counts[rows, w] = np.add.reduceat(inside.view(np.uint8), (np.cumsum(n) - n)[rows],
+                                          dtype=np.int64)
+    return counts
 
 
 def _is_activity(layout: FeatureLayout, spec: FeatureSpec) -> bool:
@@ -714,7 +767,7 @@ class BatchConverter:
             dense[:, self._activity[ACTIVITY_FIDS[k]]] = np.log1p(n)
             if key is not None:
                 counts = np.log1p(_window_counts(key, n, ts_row))
-                for w in range(3):
+                for w in range(len(_WINDOWS)):
                     dense[:, self._activity[ACTIVITY_FIDS[4 + 3 * k + w]]] = counts[:, w]
 
 

@@ -194,7 +194,7 @@ SEQ_ITEMS_PER_CATEGORY = 2000   # item universe of a domain = categories x this
 RECENT_WINDOW_S = 5 * DAY_S
 RECENT_MEAN_AGE_S = 1.2 * DAY_S
 OLD_MAX_AGE_S = 365 * DAY_S
-AFFINITY_DECAY_S = 2 * DAY_S
+AFFINITY_RECENT_WEIGHT = 3.0   # an event of the last 5 days counts 3 times in seq_affinity
 ENUM_MAX_VOCAB = 64             # side columns this small are per-event enums
 
 OOV_RATE = 2e-4
@@ -221,11 +221,11 @@ EFFECTS: Tuple[Effect, ...] = (
            0.10),
     Effect("dense_dot", "user dense token (61, 87) x item tokens", 0.13),
 )
-NOISE_SHARE = 0.06              # of the total logit variance, unobservable
+NOISE_SHARE = 0.04              # of the total logit variance, unobservable
 TARGET_POS_RATE = 0.096
 TARGET_ORACLE_AUC = 0.83
 PAIR_WEIGHTS = {62: 0.25, 63: 0.5, 65: 0.25}   # pair_62_66 effect mix over the linked fids
-PAIR_LOG_MEAN, PAIR_LOG_TASTE, PAIR_LOG_NOISE = 7.5, 0.8, 2.2
+PAIR_LOG_MEAN, PAIR_LOG_TASTE, PAIR_LOG_NOISE = 6.0, 0.8, 3.0
 
 # Fids the planted effects need; a custom --schema must keep them.
 REQUIRED_USER_INT = (1, 48, 49, 62, 63, 65, 82)
@@ -571,7 +571,7 @@ def _entity_lists(rng: np.random.Generator, scores: np.ndarray, mean_len: np.nda
     z = (scores - scores.mean()) / (scores.std() + 1e-9)
     log_w = PAIR_LOG_MEAN + PAIR_LOG_TASTE * z[rows, chosen] \
         + PAIR_LOG_NOISE * rng.standard_normal(rows.size)
-    values = np.clip(np.exp(log_w), 1.0, 5e7).astype(np.float32)
+    values = np.exp(np.clip(log_w, 0.0, math.log(5e7))).astype(np.float32)
     by_value = np.lexsort((-values, rows))
     chosen, values = chosen[by_value], values[by_value]
     return _ragged_from_lengths(lengths, id_map(chosen), null, values), chosen, rows
@@ -766,8 +766,9 @@ def build_world(seed: int = DEFAULT_SEED, layout: Optional[Layout] = None,
         "type": rng.normal(0.0, 0.6, N_ITEM_TYPES),
         "segment": rng.normal(0.0, 0.8, N_SEGMENTS),
         "gender": np.array([-0.2, 0.2]),
-        "segment_x_cat": rng.normal(0.0, 1.0, (N_SEGMENTS, N_CATEGORIES)),
-        "region_x_type": rng.normal(0.0, 0.6, (N_REGIONS, N_ITEM_TYPES)),
+        # Rank-2 segment x category interaction: smooth enough to learn from a demo.
+        "segment_factors": rng.normal(0.0, 1.0, (N_SEGMENTS, 2)),
+        "category_factors": rng.normal(0.0, 1.0, (N_CATEGORIES, 2)),
     }
     world = _World(layout, seed, items, persons, domains, tables, maps)
     world.calib = _calibrate(world)
@@ -880,7 +881,7 @@ def _raw_effects(world: _World, rows: _Rows, hists: List[_History]) -> Dict[str,
         for k, days in enumerate((1, 3, 5)):
             counts[k] += np.bincount(h.row, weights=(h.age > 0) & (h.age <= days * DAY_S),
                                      minlength=n)
-        w = np.exp(-h.age / AFFINITY_DECAY_S)
+        w = 1.0 + (AFFINITY_RECENT_WEIGHT - 1.0) * (h.age <= RECENT_WINDOW_S)
         weighted += np.bincount(h.row, weights=w, minlength=n)
         matched += np.bincount(h.row, weights=w * (h.cat == cat[h.row]), minlength=n)
     activity = np.log1p(counts).sum(axis=0) + np.log1p(total)
@@ -892,8 +893,8 @@ def _raw_effects(world: _World, rows: _Rows, hists: List[_History]) -> Dict[str,
         value = ps.pair_w[fid][person, pair_entity[fid]].astype(np.float64)
         pair += weight * np.where(value > 0, np.log1p(value) - PAIR_LOG_MEAN, 0.0)
 
-    user_x_item = (t["segment_x_cat"][ps.segment[person], cat]
-                   + t["region_x_type"][ps.region[person], itype])
+    user_x_item = (t["segment_factors"][ps.segment[person]]
+                   * t["category_factors"][cat]).sum(axis=1)
     dense_dot = (ps.latent[person] * it.latent[rows.item]).sum(axis=1)
     return {"base": base, "abs_time": abs_time, "activity": activity, "pair_62_66": pair,
             "seq_affinity": seq_affinity, "user_x_item": user_x_item, "dense_dot": dense_dot}

@@ -20,7 +20,11 @@ Differences from the reference, all deliberate (details in the docstrings of the
 * no attention-probability dropout inside SDPA: the attention output is dropped instead;
 * the time-bucket table has 64 rows (pipeline_spec §1.5), sequence projections skip the
   all-zero columns of table-less features, and ``forward`` does no host-device sync (input
-  ranges are the data pipeline's job).
+  ranges are the data pipeline's job);
+* tables of at most ``DENSE_GRAD_MAX_ROWS`` rows have dense gradients, larger ones sparse
+  (the same Adagrad update, much cheaper; ``feature_tokens``);
+* the reinit threshold is explicit: ``vocab_size > threshold``, so 0 re-initialises every
+  feature table (model_spec §11.1.2).
 """
 from __future__ import annotations
 

@@ -325,13 +325,38 @@ def test_conversion_matches_per_row_reference(rows, keep, pad, tz, labels):
 def test_recent_order_classes():
     """Newest-first rows are kept, strictly oldest-first rows reversed, the rest sorted; ties
     and missing timestamps (0) keep stored order, after every real timestamp."""
-    rows = [[9, 7, 7, 3], [1, 2, 3], [5, 0, 8, 5, 0, 9], [], [4], [0, 0, 2, 2]]
+    rows = [[9, 7, 7, 3], [1, 2, 3], [5, 0, 8, 5, 0, 9], [], [4], [0, 0, 2, 2],
+            [5, 5, 5, 6, 7], [1, 2, 2, 3]]
     n = np.array([len(r) for r in rows])
     key = np.array([x for r in rows for x in r], dtype=np.int64)
     idx = recent_order(key, n, 4)
-    want = [[0, 1, 2, 3], [2, 1, 0], [5, 2, 0, 3], [], [0], [2, 3, 0, 1]]
+    want = [[0, 1, 2, 3], [2, 1, 0], [5, 2, 0, 3], [], [0], [2, 3, 0, 1], [4, 3, 0, 1],
+            [3, 1, 2, 0]]
     for got_row, w in zip(idx.tolist(), want):
         assert got_row[:len(w)] == w and all(x >= 1 << 40 for x in got_row[len(w):])
+
+
+@st.composite
+def event_rows(draw):
+    """Rows of small keys (many ties) stored newest first, oldest first or in any order."""
+    rows = []
+    for _ in range(draw(st.integers(1, 8))):
+        keys = draw(st.lists(st.integers(0, 4), max_size=9))
+        order = draw(st.sampled_from(["asc", "desc", "any"]))
+        rows.append(sorted(keys) if order == "asc" else
+                    sorted(keys, reverse=True) if order == "desc" else keys)
+    return rows
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=event_rows(), max_len=st.integers(1, 6))
+def test_recent_order_is_a_stable_sort(rows, max_len):
+    n = np.array([len(r) for r in rows], dtype=np.int64)
+    key = np.array([x for r in rows for x in r], dtype=np.int64)
+    idx = recent_order(key, n, max_len)
+    for got_row, r in zip(idx.tolist(), rows):
+        want = sorted(range(len(r)), key=lambda j: -r[j])[:max_len]
+        assert got_row == want + [1 << 40] * (max_len - len(want))
 
 
 def test_domain_without_timestamps_keeps_stored_order():
