@@ -2,13 +2,14 @@
 
 Pipeline: ``scan_parquet`` checks every file's footer against the layout up front and lists
 its row groups; ``split_row_groups`` makes the train/validation split; ``PCVRDataset`` streams
-the row groups of its shard (``iter_batches``, only the needed columns, so memory stays
-bounded by a few batches), converts each Arrow record batch with ``BatchConverter`` and, when
-training, shuffles rows inside a buffer of ``buffer_batches`` batches. ``get_pcvr_data`` and
-``get_eval_loader`` build the DataLoaders.
+the row groups of its shard (``iter_batches`` of ``MIN_CHUNK_ROWS`` rows or more, only the
+needed columns, so memory stays bounded by a few batches), converts each Arrow record batch
+with ``BatchConverter`` and, when training, shuffles rows through a buffer of
+``buffer_batches`` batches. ``get_pcvr_data`` and ``get_eval_loader`` build the DataLoaders;
+``DataStats`` sums the repair counters that every batch carries.
 
 The conversion never loops over rows in Python: every list column is handled through its Arrow
-offsets and flattened values with numpy (gathers on index matrices, cumulative sums per row,
+offsets and flattened values with numpy (gathers on index matrices, per-row segment sums,
 one ``lexsort`` for the rows whose histories are stored in no time order).
 
 Batch dict (B rows; F_d side features and L_d kept events in domain d):
@@ -349,7 +350,8 @@ def _ragged(arr: pa.Array) -> _Ragged:
         starts, lens = offsets[:-1], np.diff(offsets)
         values = arr.values  # ignores the slice offset, as ``arr.offsets`` expects
     else:
-        starts, lens, values = np.arange(len(arr), dtype=np.int64), np.ones(len(arr), np.int64), arr
+        rows = len(arr)
+        starts, lens, values = np.arange(rows, dtype=np.int64), np.ones(rows, np.int64), arr
     if arr.null_count:  # a null row may still span child values: make it empty
         lens = lens * _valid(arr)
     vals = _numpy(values)
@@ -500,9 +502,12 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
     if not n_rise.any():  # every row newest first already
         return idx
     n_fall = _pair_counts(key[1:] < key[:-1], n)
-    ascending = np.flatnonzero((n_rise > 0) & (n_fall == 0))
-    if ascending.size:
-        idx[ascending] = _stable_reverse(key, n, ascending, max_len)
+    ascending = (n_rise > 0) & (n_fall == 0)
+    strict = ascending & (n_rise == n - 1)  # no ties: the plain reversal
+    idx[strict] = np.where(idx[strict] < _PAD, n[strict, None] - 1 - idx[strict], _PAD)
+    tied = np.flatnonzero(ascending & ~strict)
+    if tied.size:
+        idx[tied] = _stable_reverse(key, n, tied, max_len)
     rows = np.flatnonzero((n_rise > 0) & (n_fall > 0))
     if rows.size:
         n_o = n[rows]
@@ -762,13 +767,13 @@ class BatchConverter:
             dow *= valid
             out[f"{d.name}_dayofweek"][rows] = dow
 
-        if activity:
+        if activity:  # fid 900 + k: history length; 904 + 3k ..: the windows' counts
             k = ACTIVITY_DOMAINS.index(d.name)
             dense[:, self._activity[ACTIVITY_FIDS[k]]] = np.log1p(n)
             if key is not None:
-                counts = np.log1p(_window_counts(key, n, ts_row))
-                for w in range(len(_WINDOWS)):
-                    dense[:, self._activity[ACTIVITY_FIDS[4 + 3 * k + w]]] = counts[:, w]
+                fids = ACTIVITY_FIDS[4 + 3 * k:4 + 3 * (k + 1)]
+                dense[:, [self._activity[f] for f in fids]] = np.log1p(
+                    _window_counts(key, n, ts_row))
 
 
 # ----------------------------------------------------------------------------- dataset

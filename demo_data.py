@@ -168,7 +168,7 @@ TRAFFIC_BY_HOUR = np.array([
     4.8, 4.5, 4.0, 4.0, 4.2, 4.6, 5.2, 6.0, 6.6, 6.8, 5.8, 3.8])
 
 # World sizes (latent entities; ids are spread over each column's vocab).
-N_PERSONS = 20000
+N_PERSONS = 50000
 N_ITEMS = 8000
 N_CATEGORIES = 24
 SUBCATS_PER_CATEGORY = 4
@@ -176,7 +176,8 @@ LEAVES_PER_SUBCAT = 4
 N_AUTHORS = 1200
 N_ITEM_TYPES = 8
 N_SEGMENTS = 5
-N_REGIONS = 23
+CATEGORY_GROUPS = 4            # user_x_item acts on groups of categories (category % 4)
+EMBED_NOISE_DIM = 16
 N_GENERIC_ENTITIES = 50         # entities behind user fid 64
 N_TAGS_PER_CATEGORY = 800       # item fid 11
 LATENT_DIM = 4
@@ -224,12 +225,12 @@ EFFECTS: Tuple[Effect, ...] = (
 NOISE_SHARE = 0.04              # of the total logit variance, unobservable
 TARGET_POS_RATE = 0.096
 TARGET_ORACLE_AUC = 0.83
-PAIR_WEIGHTS = {62: 0.25, 63: 0.5, 65: 0.25}   # pair_62_66 effect mix over the linked fids
+PAIR_WEIGHTS = {62: 0.6, 63: 0.4}   # pair_62_66 effect mix over the linked fids
 PAIR_LOG_MEAN, PAIR_LOG_TASTE, PAIR_LOG_NOISE = 6.0, 0.8, 3.0
 
 # Fids the planted effects need; a custom --schema must keep them.
-REQUIRED_USER_INT = (1, 48, 49, 62, 63, 65, 82)
-REQUIRED_USER_DENSE = (61, 62, 63, 65, 87)
+REQUIRED_USER_INT = (1, 48, 49, 62, 63)
+REQUIRED_USER_DENSE = (61, 62, 63, 87)
 REQUIRED_ITEM_INT = (5, 6, 13)
 
 
@@ -465,12 +466,24 @@ class _Items:
 
 
 @dataclass
+class _Embedding:
+    """A fixed-width user dense fid: values = clip(person inputs @ proj), 1/256 resolution."""
+    proj: np.ndarray
+    low: float
+    high: float
+    null: np.ndarray
+
+    def rows(self, inputs: np.ndarray) -> np.ndarray:
+        values = np.clip(inputs @ self.proj, self.low, self.high)
+        return np.round(values * 256.0) / 256.0     # coarse enough for parquet to compress
+
+
+@dataclass
 class _Persons:
     """The user pool."""
     segment: np.ndarray
     age: np.ndarray
     gender: np.ndarray
-    region: np.ndarray
     taste: np.ndarray               # (P, N_CATEGORIES) category logits
     taste_table: np.ndarray         # (P, TASTE_TABLE) category quantiles
     activity: np.ndarray
@@ -479,7 +492,8 @@ class _Persons:
     pair_w: Dict[int, np.ndarray]   # fid -> (P, entities) engagement value, 0 = absent
     scalars: Dict[int, Tuple[np.ndarray, np.ndarray]]
     lists: Dict[int, _Ragged]       # int lists, with aligned dense values where they exist
-    embeddings: Dict[int, Tuple[np.ndarray, np.ndarray]]   # fid -> ((P, dim) floats, null)
+    embed_inputs: np.ndarray        # (P, inputs) behind the fixed-width dense fids
+    embeddings: Dict[int, _Embedding]
 
 
 @dataclass
@@ -554,27 +568,26 @@ def _generic_list(rng: np.random.Generator, n: int, vocab: int, dim: int, mean_l
 
 
 def _entity_lists(rng: np.random.Generator, scores: np.ndarray, mean_len: np.ndarray,
-                  dim: int, null: np.ndarray, id_map: _IdMap
-                  ) -> Tuple[_Ragged, np.ndarray, np.ndarray]:
+                  dim: int, null: np.ndarray
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-person engagement lists (fids 62-66): the top entities by ``scores`` + Gumbel noise.
 
-    Returns the list (ids sorted by descending engagement value, values aligned), and the
-    latent entity and owning person of every list element.
+    Returns (list lengths, entity, engagement value, owning person) per element, each list
+    sorted by descending value; values are lognormal, higher for the person's taste.
     """
     n, k = scores.shape
     lengths = np.where(null, 0, np.minimum(rng.poisson(mean_len), min(dim, k)))
     top = max(int(lengths.max()), 1)
     noisy = scores - np.log(-np.log(rng.random((n, k), dtype=np.float32) + 1e-12))
     best = np.argpartition(-noisy, top - 1, axis=1)[:, :top]      # the top entities, unsorted
-    chosen = best[np.arange(top)[None, :] < lengths[:, None]]
-    rows = np.repeat(np.arange(n), lengths)
+    entity = best[np.arange(top)[None, :] < lengths[:, None]]
+    owner = np.repeat(np.arange(n), lengths)
     z = (scores - scores.mean()) / (scores.std() + 1e-9)
-    log_w = PAIR_LOG_MEAN + PAIR_LOG_TASTE * z[rows, chosen] \
-        + PAIR_LOG_NOISE * rng.standard_normal(rows.size)
+    log_w = PAIR_LOG_MEAN + PAIR_LOG_TASTE * z[owner, entity] \
+        + PAIR_LOG_NOISE * rng.standard_normal(owner.size)
     values = np.exp(np.clip(log_w, 0.0, math.log(5e7))).astype(np.float32)
-    by_value = np.lexsort((-values, rows))
-    chosen, values = chosen[by_value], values[by_value]
-    return _ragged_from_lengths(lengths, id_map(chosen), null, values), chosen, rows
+    by_value = np.lexsort((-values, owner))
+    return lengths, entity[by_value], values[by_value], owner
 
 
 def _build_items(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
@@ -627,7 +640,6 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
     segment = _categorical(rng, np.cumsum([0.3, 0.25, 0.2, 0.15, 0.1]), n)
     age = np.clip(np.round(rng.normal(34.0, 11.0, n)), 16, 75).astype(np.int64)
     gender = rng.integers(0, 2, n)
-    region = _power_index(rng, N_REGIONS, n, 1.8)
     latent = rng.standard_normal((n, LATENT_DIM))
     taste = latent @ cat_z.T / 1.3
     prob = np.exp(taste - taste.max(axis=1, keepdims=True))
@@ -644,41 +656,41 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
 
     scalars: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
     lists: Dict[int, _Ragged] = {}
-    embeddings: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
     pair_w: Dict[int, np.ndarray] = {}
     engaged_null = _null_mask(rng, n, 0.08)       # persons without engagement lists 62-66
     f32 = np.float32
-    subcat_scores = np.repeat(taste.astype(f32), SUBCATS_PER_CATEGORY, axis=1)
-    n_leaves = subcat_scores.shape[1] * LEAVES_PER_SUBCAT
-    entity_scores = {
+    sub_taste = np.repeat(taste.astype(f32), SUBCATS_PER_CATEGORY, axis=1)
+    entity_scores = {   # fid 66 picks sub-categories here, then one leaf in each
         62: rng.standard_normal((n, N_ITEM_TYPES), dtype=f32),
         63: taste.astype(f32),
         64: rng.standard_normal((n, N_GENERIC_ENTITIES), dtype=f32),
-        65: subcat_scores + 0.7 * rng.standard_normal(subcat_scores.shape, dtype=f32),
-        66: np.repeat(subcat_scores, LEAVES_PER_SUBCAT, axis=1)
-        + 0.7 * rng.standard_normal((n, n_leaves), dtype=f32),
+        65: sub_taste + 0.7 * rng.standard_normal(sub_taste.shape, dtype=f32),
+        66: sub_taste + 0.7 * rng.standard_normal(sub_taste.shape, dtype=f32),
     }
     entity_mean_len = {62: 2.0, 63: 4.0, 64: 6.0, 65: 12.0, 66: 16.0}
     dense_fids = {f for f, _ in layout.user_dense}
-    latent_of = {1: segment, 48: age, 49: gender, 82: region}
+    latent_of = {1: segment, 48: age, 49: gender}
     for fid, _, vocab, dim in layout.user_int:
         if fid in entity_scores:
-            maps[f"user_{fid}"] = _IdMap.make(rng, vocab)
-            mean_len = entity_mean_len[fid] * activity ** 0.7
-            lists[fid], entity, owner = _entity_lists(rng, entity_scores[fid], mean_len, dim,
-                                                      engaged_null, maps[f"user_{fid}"])
+            lengths, entity, values, owner = _entity_lists(
+                rng, entity_scores[fid], entity_mean_len[fid] * activity ** 0.7, dim,
+                engaged_null)
+            if fid == 66:
+                entity = entity * LEAVES_PER_SUBCAT + rng.integers(0, LEAVES_PER_SUBCAT,
+                                                                   entity.size)
             if fid in PAIR_WEIGHTS:
-                pair_w[fid] = np.zeros(entity_scores[fid].shape, dtype=np.float32)
-                pair_w[fid][owner, entity] = lists[fid].dense
-            if fid not in dense_fids:
-                lists[fid].dense = None
+                pair_w[fid] = np.zeros(entity_scores[fid].shape, dtype=f32)
+                pair_w[fid][owner, entity] = values
+            maps[f"user_{fid}"] = _IdMap.make(rng, vocab)
+            lists[fid] = _ragged_from_lengths(lengths, maps[f"user_{fid}"](entity),
+                                              engaged_null, values if fid in dense_fids else None)
         elif dim > 1 and fid in dense_fids:
             # Aligned int + float lists (89-91): mostly full, a few short, some null.
             null = _null_mask(rng, n, 0.12)
             lengths = np.where(null, 0, np.where(rng.random(n) < 0.8, dim,
                                                  rng.integers(1, dim + 1, n)))
             total = int(lengths.sum())
-            dense = np.clip(rng.normal(0.0, 0.2, total), -0.6, 0.7).astype(np.float32)
+            dense = np.clip(rng.normal(0.0, 0.2, total), -0.6, 0.7).astype(f32)
             lists[fid] = _ragged_from_lengths(lengths, _id_scalar(rng, vocab, total), null, dense)
         elif dim > 1:
             lists[fid] = _generic_list(rng, n, vocab, dim, min(6.0, dim / 2.0 + 0.5),
@@ -689,7 +701,7 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
             else:
                 maps[f"user_{fid}"] = _IdMap.make(rng, vocab)
                 ids = maps[f"user_{fid}"](latent_of[fid])
-            ids[_null_mask(rng, n, 0.01 if fid in (48, 82) else 0.0)] = -1
+            ids[_null_mask(rng, n, 0.01 if fid == 48 else 0.0)] = -1
             scalars[fid] = (ids, np.zeros(n, dtype=bool))
         else:
             ids = _id_scalar(rng, vocab, n)
@@ -699,26 +711,32 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
                 else rng.uniform(0.0, 0.03)
             scalars[fid] = (ids, _null_mask(rng, n, null_rate))
 
-    # Dense embeddings: 61 a noisy projection of the taste vector, 87 of taste, segment and
-    # activity; other fixed-width dense fids of a custom schema get plain noise.
-    profile = np.concatenate([latent, np.eye(N_SEGMENTS)[segment],
-                              np.log(activity)[:, None]], axis=1)
+    # Fixed-width dense embeddings are computed per row from a few person inputs: taste (4),
+    # segment (5), log activity (1) and a private noise vector (16). 61 projects taste + noise,
+    # 87 taste, segment, activity + noise; other fixed-width fids of a custom schema, noise.
+    inputs = np.concatenate([latent, np.eye(N_SEGMENTS)[segment], np.log(activity)[:, None],
+                             rng.standard_normal((n, EMBED_NOISE_DIM))], axis=1).astype(f32)
+    n_profile = inputs.shape[1] - EMBED_NOISE_DIM
+    embeddings: Dict[int, _Embedding] = {}
     for fid, dim in layout.user_dense:
         if fid in lists:
             continue
-        noise = rng.standard_normal((n, dim), dtype=f32)
+        proj = np.zeros((inputs.shape[1], dim), dtype=f32)
+        noise_rows = slice(n_profile, None)
         if fid == 61:
-            signal = (latent @ rng.standard_normal((LATENT_DIM, dim)) * 0.025).astype(f32)
-            values = np.clip(signal + 0.04 * noise, -0.25, 0.2)
+            proj[:LATENT_DIM] = 0.025 * rng.standard_normal((LATENT_DIM, dim))
+            proj[noise_rows] = 0.01 * rng.standard_normal((EMBED_NOISE_DIM, dim))
+            low, high = -0.25, 0.2
         elif fid == 87:
-            proj = rng.standard_normal((profile.shape[1], dim)) / math.sqrt(profile.shape[1])
-            values = np.clip((0.15 * profile @ proj).astype(f32) + 0.1 * noise, -0.68, 0.68)
+            proj[:n_profile] = 0.05 * rng.standard_normal((n_profile, dim))
+            proj[noise_rows] = 0.025 * rng.standard_normal((EMBED_NOISE_DIM, dim))
+            low, high = -0.68, 0.68
         else:
-            values = 0.1 * noise
-        # Stored at 1/256 resolution (far below the noise) so that parquet compresses them.
-        embeddings[fid] = (np.round(values * 256.0) / 256.0, _null_mask(rng, n, 0.005))
-    return _Persons(segment, age, gender, region, taste, taste_table, activity, visit_cum,
-                    latent, pair_w, scalars, lists, embeddings)
+            proj[noise_rows] = 0.025 * rng.standard_normal((EMBED_NOISE_DIM, dim))
+            low, high = -1.0, 1.0
+        embeddings[fid] = _Embedding(proj, low, high, _null_mask(rng, n, 0.005))
+    return _Persons(segment, age, gender, taste, taste_table, activity, visit_cum, latent,
+                    pair_w, scalars, lists, inputs, embeddings)
 
 
 def _build_domain(rng: np.random.Generator, seq: SeqLayout, seq_len_scale: float) -> _Domain:
@@ -766,9 +784,8 @@ def build_world(seed: int = DEFAULT_SEED, layout: Optional[Layout] = None,
         "type": rng.normal(0.0, 0.6, N_ITEM_TYPES),
         "segment": rng.normal(0.0, 0.8, N_SEGMENTS),
         "gender": np.array([-0.2, 0.2]),
-        # Rank-2 segment x category interaction: smooth enough to learn from a demo.
-        "segment_factors": rng.normal(0.0, 1.0, (N_SEGMENTS, 2)),
-        "category_factors": rng.normal(0.0, 1.0, (N_CATEGORIES, 2)),
+        # Segment x category-group table: few strong cells, learnable from a demo.
+        "segment_x_group": rng.normal(0.0, 1.0, (N_SEGMENTS, CATEGORY_GROUPS)),
     }
     world = _World(layout, seed, items, persons, domains, tables, maps)
     world.calib = _calibrate(world)
@@ -888,13 +905,12 @@ def _raw_effects(world: _World, rows: _Rows, hists: List[_History]) -> Dict[str,
     seq_affinity = matched / (weighted + 1.0)
 
     pair = np.zeros(n)
-    pair_entity = {62: itype, 63: cat, 65: sub}
+    pair_entity = {62: itype, 63: cat}
     for fid, weight in PAIR_WEIGHTS.items():
         value = ps.pair_w[fid][person, pair_entity[fid]].astype(np.float64)
         pair += weight * np.where(value > 0, np.log1p(value) - PAIR_LOG_MEAN, 0.0)
 
-    user_x_item = (t["segment_factors"][ps.segment[person]]
-                   * t["category_factors"][cat]).sum(axis=1)
+    user_x_item = t["segment_x_group"][ps.segment[person], cat % CATEGORY_GROUPS]
     dense_dot = (ps.latent[person] * it.latent[rows.item]).sum(axis=1)
     return {"base": base, "abs_time": abs_time, "activity": activity, "pair_62_66": pair,
             "seq_affinity": seq_affinity, "user_x_item": user_x_item, "dense_dot": dense_dot}
@@ -1001,10 +1017,11 @@ def _user_columns(world: _World, rng: np.random.Generator, person: np.ndarray,
     for fid, dim in world.layout.user_dense:
         name = f"user_dense_feats_{fid}"
         if fid in ps.embeddings:
-            matrix, null = ps.embeddings[fid]
-            null = null[person]
+            emb = ps.embeddings[fid]
+            null = emb.null[person]
             offsets = _lengths_to_offsets(np.where(null, 0, dim))
-            cols[name] = _list_array(offsets, matrix[person[~null]].ravel(), null, pa.float32())
+            values = emb.rows(ps.embed_inputs[person[~null]]).ravel()
+            cols[name] = _list_array(offsets, values, null, pa.float32())
         elif fid in ps.lists and ps.lists[fid].dense is not None:
             lst = ps.lists[fid].take(person)
             cols[name] = _list_array(lst.offsets, lst.dense, lst.null, pa.float32())

@@ -89,10 +89,12 @@ def test_golden_example(tmp_path):
     ]
     np.testing.assert_allclose(got["user_dense_feats"], expected_dense, rtol=1e-6)
     assert b["item_dense_feats"].shape == (3, 0)
-    assert {k: v.dtype for k, v in b.items() if k not in ("label", "user_dense_feats",
-                                                           "item_dense_feats")} == \
-        {k: torch.int64 for k in b if k not in ("label", "user_dense_feats", "item_dense_feats")}
-    assert b["label"].dtype == b["user_dense_feats"].dtype == torch.float32
+    seq_keys = {d + s for d in ("seq_a", "seq_b", "seq_c", "seq_d")
+                for s in ("", "_len", "_time_bucket", "_hour", "_dayofweek")}
+    floats = {"label", "user_dense_feats", "item_dense_feats"}  # label: float32, not int64
+    assert set(b) == seq_keys | floats | {"user_int_feats", "item_int_feats", "timestamp",
+                                          "hour", "dayofweek", "user_id", "data_stats"}
+    assert all(v.dtype == (torch.float32 if k in floats else torch.int64) for k, v in b.items())
     stats = DataStats(train.stat_names)
     stats.add(b)
     assert {k: v for k, v in stats.as_dict().items() if v} == {
