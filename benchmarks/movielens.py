@@ -563,10 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--emb_dim", type=int, default=32, help="width of every embedding table")
-    p.add_argument("--dim", type=int, default=32, help="width of each tower half (side, atom)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     add_section_args(p, DecouplingConfig)
-    p.set_defaults(decouple_user=True)  # the log decouples both the item and the user
+    # The log decouples both the item and the user; --decouple_dim is the width of each
+    # tower half (side, atom) in every row, baselines included.
+    p.set_defaults(decouple_user=True, decouple_dim=32)
     return p
 
 
@@ -586,7 +587,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[Dict[str, float]]]:
     cfg = section_from_namespace(DecouplingConfig, args)
     ts = TrainSettings(epochs=1 if args.quick else args.epochs, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, emb_dim=args.emb_dim,
-                       dim=args.dim, max_steps_per_epoch=5 if args.quick else None)
+                       dim=cfg.decouple_dim, max_steps_per_epoch=5 if args.quick else None)
     ev = split.valid if args.split == "valid" else split.test
     print(f"# {data.n_users} users, {data.n_items} items, {len(split.train_user)} train "
           f"ratings, {len(ev.users)} {args.split} users; {ts}", file=sys.stderr)

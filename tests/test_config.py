@@ -1,5 +1,6 @@
 """One declaration per flag: CLI, train_config.json and the strict rebuild agree."""
 import dataclasses
+import os
 import shlex
 
 import pytest
@@ -78,3 +79,11 @@ def test_parse_seq_max_lens():
     for bad in ("seq_a", "seq_a:x", "seq_a:0", ":3"):
         with pytest.raises(ValueError, match="seq_max_lens"):
             parse_seq_max_lens(bad)
+
+
+def test_readme_documents_every_flag():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "README.md"), encoding="utf-8").read()
+    for cls in config.SECTIONS:
+        for f in dataclasses.fields(cls):
+            assert f"`--{f.name}`" in readme, f"README.md lacks --{f.name} (scripts/flags_md.py)"

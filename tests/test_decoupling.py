@@ -2,7 +2,6 @@
 fixture written in the ML-100K format (the real data is only used when present)."""
 import dataclasses
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -16,8 +15,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import movielens as ml  # noqa: E402
 from config import DecouplingConfig  # noqa: E402
-from decoupling import (EntityDecoupler, atom_orth_ssl_loss, contrastive_uniformity_loss,  # noqa: E402
-                        ipw_sample_weight, orthogonal_component, stage1_loss)
+from decoupling import (EntityDecoupler, atom_orth_ssl_loss,  # noqa: E402
+                        contrastive_uniformity_loss, ipw_sample_weight, orthogonal_component,
+                        stage1_loss)
 
 REAL_DATA = REPO.parent / "shared" / "data" / "ml-100k"
 
