@@ -226,7 +226,7 @@ NOISE_SHARE = 0.04              # of the total logit variance, unobservable
 TARGET_POS_RATE = 0.096
 TARGET_ORACLE_AUC = 0.83
 PAIR_WEIGHTS = {62: 0.7, 63: 0.3}   # pair_62_66 effect mix over the linked fids
-PAIR_LOG_MEAN, PAIR_LOG_TASTE, PAIR_LOG_NOISE = 6.0, 0.8, 3.0
+PAIR_LOG_MEAN, PAIR_LOG_TASTE, PAIR_LOG_NOISE = 5.0, 0.8, 3.5
 
 # Fids the planted effects need; a custom --schema must keep them.
 REQUIRED_USER_INT = (1, 48, 49, 62, 63)
@@ -489,7 +489,7 @@ class _Persons:
     activity: np.ndarray
     visit_cum: np.ndarray
     latent: np.ndarray              # (P, LATENT_DIM)
-    pair_w: Dict[int, np.ndarray]   # fid -> (P, entities) relative log engagement, 0 = absent
+    pair_w: Dict[int, np.ndarray]   # fid -> (P, entities) sqrt(log1p(value)), 0 = absent
     scalars: Dict[int, Tuple[np.ndarray, np.ndarray]]
     lists: Dict[int, _Ragged]       # int lists, with aligned dense values where they exist
     embed_inputs: np.ndarray        # (P, inputs) behind the fixed-width dense fids
@@ -667,7 +667,7 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
         65: sub_taste + 0.7 * rng.standard_normal(sub_taste.shape, dtype=f32),
         66: sub_taste + 0.7 * rng.standard_normal(sub_taste.shape, dtype=f32),
     }
-    entity_mean_len = {62: 3.5, 63: 4.0, 64: 6.0, 65: 12.0, 66: 16.0}
+    entity_mean_len = {62: 3.0, 63: 4.0, 64: 6.0, 65: 12.0, 66: 16.0}
     dense_fids = {f for f, _ in layout.user_dense}
     latent_of = {1: segment, 48: age, 49: gender}
     for fid, _, vocab, dim in layout.user_int:
@@ -679,12 +679,9 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
                 entity = entity * LEAVES_PER_SUBCAT + rng.integers(0, LEAVES_PER_SUBCAT,
                                                                    entity.size)
             if fid in PAIR_WEIGHTS:
-                # Log engagement relative to the person's own mean: only the paired values,
-                # not the presence of an id, say which entities the person favours.
-                log_w = np.log1p(values)
-                own_mean = np.bincount(owner, log_w, n) / np.maximum(lengths, 1)
+                # Engagement on a sqrt-log scale, as the pair pooling weighs an id; 0 = absent.
                 pair_w[fid] = np.zeros(entity_scores[fid].shape, dtype=f32)
-                pair_w[fid][owner, entity] = log_w - own_mean[owner]
+                pair_w[fid][owner, entity] = np.sqrt(np.log1p(values))
             maps[f"user_{fid}"] = _IdMap.make(rng, vocab)
             lists[fid] = _ragged_from_lengths(lengths, maps[f"user_{fid}"](entity),
                                               engaged_null, values if fid in dense_fids else None)
