@@ -17,6 +17,7 @@ from the reference, both for speed:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -46,10 +47,69 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (w @ x).squeeze(1) / w.sum(-1).clamp_min(1.0)
 
 
+class _DropPositions(torch.autograd.Function):
+    """``x * scale`` with the flat positions ``index`` zeroed; backward masks the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+        out = x.contiguous() * scale
+        out.view(-1).index_fill_(0, index, 0.0)
+        ctx.save_for_backward(index)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        grad = grad.contiguous() * ctx.scale
+        grad.view(-1).index_fill_(0, index, 0.0)
+        return grad, None, None
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU training path draws only the dropped positions (same law).
+
+    ``F.dropout`` on CPU draws one Bernoulli number per element, serially: ~16% of a training
+    step at ``p = 0.01``. Here ``K ~ Poisson(lam)`` uniform positions are drawn (with
+    replacement) and zeroed: by Poisson splitting each position is hit ``Poisson(lam / n)``
+    times, independently, so with ``lam = -n log(1 - p)`` every element is dropped
+    independently with probability exactly ``p``, as in ``F.dropout``; kept ones are scaled
+    by ``1 / (1 - p)``. Only the ``~p n`` drawn indices are saved for backward. Other devices
+    use ``F.dropout`` (``K`` is needed on the host, a sync on CUDA), as do ``p = 1`` and
+    ``inplace``.
+
+    Shape: any -> the same.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not self.training or self.p == 0.0 or self.p >= 1.0 or self.inplace
+                or x.device.type != "cpu"):
+            return super().forward(x)
+        n = x.numel()
+        lam = torch.tensor(-n * math.log1p(-self.p), dtype=torch.float64)
+        index = torch.randint(n, (int(torch.poisson(lam).item()),))
+        return _DropPositions.apply(x, index, 1.0 / (1.0 - self.p))
+
+
 def feed_forward(d_model: int, hidden: int, dropout: float) -> nn.Sequential:
     """``Lin(D -> hidden) -> GELU -> Dropout -> Lin(hidden -> D)``, ``[*, D] -> [*, D]``."""
-    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Dropout(dropout),
+    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), Dropout(dropout),
                          nn.Linear(hidden, d_model))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """SDPA ``[B, H, Lq, dh] x [B, H, Lk, dh] -> [B, H, Lq, dh]``, in float32 on CPU.
+
+    On CPU the bf16 SDPA kernel is slower than the float32 one, its backward 1.4x (L 512)
+    to 10x (L 64) (dh 16, one thread), far more than the casts cost, so under autocast the
+    CPU path computes in float32 and returns the input dtype.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    return out.to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -127,25 +187,26 @@ class Attention(nn.Module):
     def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None,
                 empty: Optional[torch.Tensor] = None) -> torch.Tensor:
-        d = self.d_model
+        # One split into D-wide parts (q, [gate,] k, v): its backward is a single concat,
+        # where separate slices would each zero-fill a full-size gradient.
         if x_kv is None:
             weight = torch.cat([self.q_proj.weight, self.kv_proj.weight])
             bias = torch.cat([self.q_proj.bias, self.kv_proj.bias])
-            qg, kv = F.linear(x_q, weight, bias).split([weight.shape[0] - 2 * d, 2 * d], -1)
+            parts = F.linear(x_q, weight, bias).split(self.d_model, -1)
         else:
-            qg, kv = self.q_proj(x_q), self.kv_proj(x_kv)
-        q = self._heads(qg[..., :d])
-        k, v = self._heads(kv[..., :d]), self._heads(kv[..., d:])
+            parts = (self.q_proj(x_q).split(self.d_model, -1)
+                     + self.kv_proj(x_kv).split(self.d_model, -1))
+        q, k, v = self._heads(parts[0]), self._heads(parts[-2]), self._heads(parts[-1])
         if self.rope is not None:
             k = self.rope(k)
             if self.rope_on_q:
                 q = self.rope(q)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attend(q, k, v, attn_mask)
         if empty is not None:
             out = out * (~empty).to(out.dtype)[:, None, None, None]
         out = out.transpose(1, 2).flatten(2)  # [B, Lq, D]
         if self.gated:
-            out = out * torch.sigmoid(qg[..., d:])
+            out = out * torch.sigmoid(parts[1])
         return self.out_proj(out)
 
 
@@ -167,7 +228,7 @@ class TransformerEncoder(nn.Module):
         self.attn = Attention(d_model, num_heads, rope=rope)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = feed_forward(d_model, hidden_mult * d_model, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.attn_norm(x)
@@ -188,7 +249,7 @@ class SwiGLUEncoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.up = nn.Linear(d_model, 2 * hidden_mult * d_model)
         self.down = nn.Linear(hidden_mult * d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         a, b = self.up(self.norm(x)).chunk(2, dim=-1)
@@ -224,7 +285,7 @@ class LongerEncoder(nn.Module):
         self.attn = Attention(d_model, num_heads, rope=rope)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = feed_forward(d_model, hidden_mult * d_model, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _self_mask(self, lens: torch.Tensor, length: int) -> torch.Tensor:
         if not self.causal:
@@ -264,7 +325,7 @@ class CrossAttention(nn.Module):
         self.norm_q = nn.LayerNorm(d_model)
         self.norm_kv = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, rope=rope, rope_on_q=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, q: torch.Tensor, seq: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         attn = self.attn(self.norm_q(q), self.norm_kv(seq),
@@ -328,7 +389,7 @@ class NSSelfAttention(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, gated=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
@@ -351,7 +412,7 @@ class NSAutoIntLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, gated=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.res_proj = nn.Linear(d_model, d_model, bias=False)
         nn.init.eye_(self.res_proj.weight)
         self.act = self.ACTIVATIONS[activation]()
@@ -370,7 +431,7 @@ class TokenAutoIntLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, gated=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.post_norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
