@@ -84,8 +84,8 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import (Any, Dict, Generator, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
-                    Sequence, Tuple, Union)
+from typing import (Any, Callable, Dict, Generator, Iterable, Iterator, List, Mapping, NamedTuple,
+                    Optional, Sequence, Tuple, Union)
 
 import numpy as np
 import pyarrow as pa
@@ -113,6 +113,10 @@ POSITIVE_LABEL_TYPE = 2
 
 # Rows converted at a time: per-call overheads (~120 columns) make smaller chunks slower per row.
 MIN_CHUNK_ROWS = 512
+# Embedding indices (ids, time buckets, hours, days) are int32: half the bytes of int64, and
+# taken as they are by nn.Embedding / F.embedding_bag (forward and backward, dense or sparse).
+ID_DTYPE = np.int32
+ID_MAX = int(np.iinfo(ID_DTYPE).max)
 _PAD = np.int64(1 << 40)  # event index of a padding position: never below a list length
 _WINDOWS = np.asarray(ACTIVITY_WINDOWS_S, dtype=np.int64)
 
@@ -368,11 +372,12 @@ class _Scratch:
         self._arrays: Dict[str, np.ndarray] = {}
 
     def __call__(self, name: str, shape: Tuple[int, ...], dtype: type) -> np.ndarray:
-        """An uninitialised ``shape`` array (a view of a kept one with at least as many rows)."""
+        """An uninitialised C-contiguous ``shape`` array (a view of a kept buffer)."""
+        size = math.prod(shape)
         a = self._arrays.get(name)
-        if a is None or a.shape[0] < shape[0] or a.shape[1:] != shape[1:] or a.dtype != dtype:
-            a = self._arrays[name] = np.empty(shape, dtype)
-        return a[:shape[0]]
+        if a is None or a.size < size or a.dtype != dtype:
+            a = self._arrays[name] = np.empty(size, dtype)
+        return a[:size].reshape(shape)
 
 
 def _positions(r: _Ragged, idx: np.ndarray, scratch: Optional[_Scratch] = None,
@@ -421,6 +426,15 @@ def _flat_events(r: _Ragged, n: np.ndarray) -> np.ndarray:
     return _take(r.values, j < r.lens[rows], pos, r.values.dtype)
 
 
+def _row_events(values: np.ndarray, n: np.ndarray, rows: np.ndarray
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """(the segments of ``rows`` concatenated, their lengths) of ``values`` [sum(n)], whose
+    rows have lengths ``n``."""
+    n_r = n[rows]
+    shift = (np.cumsum(n) - n)[rows] - (np.cumsum(n_r) - n_r)  # segment start, old - new
+    return values[np.repeat(shift, n_r) + np.arange(int(n_r.sum()))], n_r
+
+
 def _first(r: _Ragged) -> np.ndarray:
     """int64 [B]: each row's first value, 0 for an empty row."""
     if not r.values.size:
@@ -434,18 +448,22 @@ def head_order(n: np.ndarray, max_len: int) -> np.ndarray:
     return np.where(pos < np.minimum(n, max_len)[:, None], pos, _PAD)
 
 
-def _pair_counts(flags: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """int64 [B]: per row, how many of its adjacent event pairs are flagged.
-
-    ``flags[i]`` (cleared here where it straddles two rows) is the pair (i, i + 1) of the
-    concatenated rows of lengths ``n``.
-    """
+def _pair_flags(key: np.ndarray, n: np.ndarray, compare: np.ufunc) -> np.ndarray:
+    """bool [max(sum(n) - 1, 0)]: ``compare(key[i + 1], key[i])`` for the adjacent event pairs
+    of the concatenated rows of lengths ``n``; False for a pair that straddles two rows."""
+    flags = compare(key[1:], key[:-1])
     ends = np.cumsum(n)
-    flags[ends[(ends >= 1) & (ends <= flags.size)] - 1] = False  # pairs across two rows
+    flags[ends[(ends >= 1) & (ends <= flags.size)] - 1] = False
+    return flags
+
+
+def _pair_counts(flags: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """int64 [B]: per row, how many of its adjacent event pairs are flagged (``_pair_flags``)."""
     multi = n >= 2
     counts = np.zeros(n.size, dtype=np.int64)
     if multi.any():
-        counts[multi] = np.add.reduceat(flags.view(np.uint8), (ends - n)[multi], dtype=np.int64)
+        counts[multi] = np.add.reduceat(flags.view(np.uint8), (np.cumsum(n) - n)[multi],
+                                        dtype=np.int32)
     return counts
 
 
@@ -498,10 +516,12 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
         int64 [B, L]: stored event index per kept position, ``_PAD`` after the last one.
     """
     idx = head_order(n, max_len)
-    n_rise = _pair_counts(key[1:] > key[:-1], n)
-    if not n_rise.any():  # every row newest first already
+    rise = _pair_flags(key, n, np.greater)
+    if not rise.any():  # every row newest first already
         return idx
-    n_fall = _pair_counts(key[1:] < key[:-1], n)
+    fall = _pair_flags(key, n, np.less)
+    n_rise = _pair_counts(rise, n)
+    n_fall = _pair_counts(fall, n) if fall.any() else np.zeros_like(n_rise)
     ascending = (n_rise > 0) & (n_fall == 0)
     strict = ascending & (n_rise == n - 1)  # no ties: the plain reversal
     idx[strict] = np.where(idx[strict] < _PAD, n[strict, None] - 1 - idx[strict], _PAD)
@@ -519,18 +539,28 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
     return idx
 
 
-def _hour_dow(ts: np.ndarray, offset_s: int, out: Optional[Tuple[np.ndarray, np.ndarray]] = None
-              ) -> Tuple[np.ndarray, np.ndarray]:
-    """Hour 0..23 and day of week 0..6 (Monday = 0) of Unix seconds shifted by ``offset_s``,
-    into the two int64 arrays ``out`` when given."""
-    hour, day = out if out is not None else (np.empty_like(ts), np.empty_like(ts))
-    np.add(ts, offset_s, out=hour)
-    np.floor_divide(hour, 86400, out=day)
-    np.remainder(hour, 86400, out=hour)
-    hour //= 3600
-    day += 3  # 1970-01-01 was a Thursday
-    day %= 7
-    return hour, day
+def _hour_of_week(ts: np.ndarray, offset_s: int, out: Optional[np.ndarray] = None,
+                  work: Optional[np.ndarray] = None) -> np.ndarray:
+    """int64: hour of the week 0..167 (0 = Monday 00:00) of Unix seconds shifted by
+    ``offset_s``, into ``out`` when given (``work``: a scratch array of the same shape)."""
+    h = np.add(ts, offset_s + 3 * 86400, out=out)  # 1970-01-01 was a Thursday
+    h //= 3600
+    week = np.floor_divide(h, 168, out=work)
+    week *= 168
+    h -= week  # h % 168, without numpy's integer remainder (several times slower)
+    return h
+
+
+# Hour of the week h -> hour id h % 24 + 1 and day-of-week id h // 24 + 1 (1-based: 0 is
+# padding); h = 168 marks a missing timestamp or padding and maps to 0.
+_NO_HOUR = 168
+_HOUR_IDS = np.append(np.arange(168) % 24 + 1, 0).astype(np.int32)
+_DAY_IDS = np.append(np.arange(168) // 24 + 1, 0).astype(np.int32)
+# Time bucket id of an age in seconds = the number of these edges below it: 1..63 for every
+# age of a real event (ages <= 5 s, negative ones too, are bucket 1; ages beyond the last
+# edge share bucket 63), 0 for the _NO_AGE marker of a missing timestamp or padding.
+_NO_AGE = np.iinfo(np.int64).min
+_BUCKET_EDGES = np.concatenate([[_NO_AGE], TIME_BUCKET_BOUNDARIES[:-1]])
 
 
 def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.ndarray:
@@ -547,7 +577,22 @@ def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.nda
     for w, window in enumerate(_WINDOWS):
         inside = age.view(np.uint64) < window
         counts[rows, w] = np.add.reduceat(inside.view(np.uint8), (np.cumsum(n) - n)[rows],
-                                          dtype=np.int64)
+                                          dtype=np.int32)
+    return counts
+
+
+def _kept_window_counts(age: np.ndarray, missing: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """int64 [B, 3]: per row, the kept events with 1 <= age <= 1, 3, 5 days.
+
+    ``age`` int64 [B, L] is ts_row - event time, ``missing`` bool [B, L] marks padding and
+    missing timestamps; ``work`` is an int64 [B, L] scratch array.
+    """
+    np.subtract(age, 1, out=work)
+    np.copyto(work, -1, where=missing)  # as unsigned, age - 1 < W  <=>  1 <= age <= W
+    counts = np.empty((age.shape[0], len(_WINDOWS)), dtype=np.int64)
+    for w, window in enumerate(_WINDOWS):
+        counts[:, w] = (work.view(np.uint64) < window).view(np.uint8).sum(axis=1,
+                                                                           dtype=np.int32)
     return counts
 
 
@@ -563,14 +608,16 @@ def _pairs(layout: FeatureLayout) -> List[Tuple[FeatureSpec, FeatureSpec]]:
 
 
 Rows = Union[slice, np.ndarray]
+HISTORY_SUFFIXES = ("", "_time_bucket", "_hour", "_dayofweek")  # the [B, ..., L_d] tensors
 
 
 class BatchConverter:
     """Converts Arrow record batches into the batch dict of numpy arrays (module docstring).
 
-    ``converter(rb)`` returns a new batch; ``converter(rb, out, rows)`` writes the rows of
-    ``rb`` into rows ``rows`` of the arrays of ``allocate(n)`` (how the shuffle buffer is
-    filled without a second copy) and adds to ``out['data_stats']``.
+    ``converter(rb)`` returns a new batch whose histories are as long as the longest kept one
+    of ``rb``; ``converter(rb, out, rows)`` writes the rows of ``rb`` into rows ``rows`` of
+    the arrays of ``allocate(n)`` (how the shuffle buffer is filled without a second copy),
+    zero-padded to their full length, and adds to ``out['data_stats']``.
 
     Args:
         layout: the feature layout (``schema.load_schema``).
@@ -581,6 +628,11 @@ class BatchConverter:
     def __init__(self, layout: FeatureLayout, data_cfg: DataConfig, read_labels: bool) -> None:
         if data_cfg.seq_keep not in ("recent", "first"):
             raise ValueError(f"seq_keep must be 'recent' or 'first', got {data_cfg.seq_keep!r}")
+        specs = [*layout.user_int, *layout.item_int, *(s for d in layout.seq for s in d.side)]
+        too_big = [s.column for s in specs if s.vocab_size > ID_MAX]
+        if too_big:
+            raise ValueError(f"vocab_size above {ID_MAX} does not fit the int32 id tensors: "
+                             f"{too_big}")
         self.layout = layout
         self.keep_recent = data_cfg.seq_keep == "recent"
         self.offset_s = int(round(float(data_cfg.time_zone_offset_hours) * 3600))
@@ -588,6 +640,9 @@ class BatchConverter:
         self.read_labels = read_labels
         self.columns = required_columns(layout, read_labels)
         self.stat_names = stat_names(layout)
+        # {d}_len -> the history tensors of domain d, whose last axis a batch may trim
+        self.histories = {f"{d.name}_len": [d.name + s for s in HISTORY_SUFFIXES]
+                          for d in layout.seq}
         self._stat = {name: k for k, name in enumerate(self.stat_names)}
         self._pairs = _pairs(layout)
         self._activity = {s.fid: s.offset for s in layout.user_dense if _is_activity(layout, s)}
@@ -601,35 +656,44 @@ class BatchConverter:
                 np.array([s.offset for s in specs], dtype=np.int64),
                 np.array([self._stat.get(f"oov/{s.column}", -1) for s in specs], dtype=np.int64))
 
-    def allocate(self, n_rows: int) -> Dict[str, np.ndarray]:
+    def allocate(self, n_rows: int, lengths: Optional[Mapping[str, int]] = None
+                 ) -> Dict[str, np.ndarray]:
         """Arrays of every batch key for ``n_rows`` rows, uninitialised but ``data_stats``
-        (a conversion writes every element of its rows)."""
+        (a conversion writes every element of its rows).
+
+        ``lengths``: domain -> history length (default: every domain's ``max_len``).
+        """
         lay, i64 = self.layout, np.int64
         shapes: Dict[str, Tuple[Tuple[int, ...], type]] = {
-            "user_int_feats": ((lay.user_int_dim,), i64),
-            "item_int_feats": ((lay.item_int_dim,), i64),
+            "user_int_feats": ((lay.user_int_dim,), ID_DTYPE),
+            "item_int_feats": ((lay.item_int_dim,), ID_DTYPE),
             "user_dense_feats": ((lay.user_dense_dim,), np.float32),
             "item_dense_feats": ((lay.item_dense_dim,), np.float32),
             "label": ((), np.float32),
-            "timestamp": ((), i64), "hour": ((), i64), "dayofweek": ((), i64),
+            "timestamp": ((), i64), "hour": ((), ID_DTYPE), "dayofweek": ((), ID_DTYPE),
             "user_id": ((), i64),
         }
         for d in lay.seq:
-            shapes[d.name] = ((len(d.side), d.max_len), i64)
+            length = lengths[d.name] if lengths is not None else d.max_len
+            shapes[d.name] = ((len(d.side), length), ID_DTYPE)
             shapes[f"{d.name}_len"] = ((), i64)
-            for suffix in ("_time_bucket", "_hour", "_dayofweek"):
-                shapes[d.name + suffix] = ((d.max_len,), i64)
+            for suffix in HISTORY_SUFFIXES[1:]:
+                shapes[d.name + suffix] = ((length,), ID_DTYPE)
         out = {k: np.empty((n_rows,) + shape, dtype) for k, (shape, dtype) in shapes.items()}
         out["data_stats"] = np.zeros(len(self.stat_names), dtype=i64)
         return out
 
     def __call__(self, rb: pa.RecordBatch, out: Optional[Dict[str, np.ndarray]] = None,
                  rows: Rows = slice(None)) -> Dict[str, np.ndarray]:
+        cols = {name: _ragged(rb.column(name)) for name in self.columns}
+        lay = self.layout
+        # events per row of each domain: its longest side column
+        n = {d.name: np.max([cols[s.column].lens for s in d.side], axis=0) for d in lay.seq}
         if out is None:
-            out = self.allocate(rb.num_rows)
+            out = self.allocate(rb.num_rows, {
+                d.name: max(1, min(d.max_len, int(n[d.name].max(initial=0)))) for d in lay.seq})
         stats = out["data_stats"]
         stats[0] += rb.num_rows
-        cols = {name: _ragged(rb.column(name)) for name in self.columns}
         for i, d in self._pairs:  # cut both lists of a pair to the shorter one
             li, ld = cols[i.column].lens, cols[d.column].lens
             stats[self._stat[f"len_mismatch/pair_{i.fid}"]] += np.count_nonzero(li != ld)
@@ -638,33 +702,27 @@ class BatchConverter:
             cols[d.column] = cols[d.column]._replace(lens=short)
 
         ts = cols["timestamp"].values.astype(np.int64)
-        hour, dow = _hour_dow(ts, self.offset_s)
+        hours = _hour_of_week(ts, self.offset_s)
         if self.missing_as_padding:
-            hour, dow = (hour + 1) * (ts > 0), (dow + 1) * (ts > 0)
+            hours[ts <= 0] = _NO_HOUR
+            out["hour"][rows], out["dayofweek"][rows] = _HOUR_IDS[hours], _DAY_IDS[hours]
+        else:
+            out["hour"][rows], out["dayofweek"][rows] = hours % 24, hours // 24
         out["timestamp"][rows] = ts
-        out["hour"][rows] = hour
-        out["dayofweek"][rows] = dow
         out["user_id"][rows] = cols["user_id"].values
         out["label"][rows] = (cols[LABEL_COLUMN].values == POSITIVE_LABEL_TYPE
                               if self.read_labels else 0)
-        lay = self.layout
         for key in ("user_int_feats", "item_int_feats"):
             self._int_group(key, cols, rb.num_rows, out[key], rows, stats)
         dense = np.zeros((rb.num_rows, lay.user_dense_dim), dtype=np.float32)
         self._dense_group(lay.user_dense, cols, dense, stats)
         for d in lay.seq:
-            self._domain(d, cols, ts, out, rows, stats, dense)
+            self._domain(d, n[d.name], cols, ts, out, rows, stats, dense)
         out["user_dense_feats"][rows] = dense
         item_dense = np.zeros((rb.num_rows, lay.item_dense_dim), dtype=np.float32)
         self._dense_group(lay.item_dense, cols, item_dense, stats)
         out["item_dense_feats"][rows] = item_dense
         return out
-
-    def _clip_ids(self, ids: np.ndarray, spec: FeatureSpec, stats: np.ndarray) -> None:
-        """In place: ids <= 0 -> 0, ids >= vocab -> vocab (the OOV id, counted)."""
-        np.clip(ids, 0, spec.vocab_size, out=ids)
-        if ids.size and ids.max() == spec.vocab_size:  # count only when there is one
-            stats[self._stat[f"oov/{spec.column}"]] += np.count_nonzero(ids == spec.vocab_size)
 
     def _int_group(self, key: str, cols: Mapping[str, _Ragged], n_rows: int, out: np.ndarray,
                    rows: Rows, stats: np.ndarray) -> None:
@@ -704,27 +762,33 @@ class BatchConverter:
                 np.count_nonzero(ok)
             out[:, s.offset:s.offset + s.length] = np.where(ok, x, np.float32(0))
 
-    def _domain(self, d: SeqDomainSpec, cols: Mapping[str, _Ragged], ts_row: np.ndarray,
-                out: Dict[str, np.ndarray], rows: Rows, stats: np.ndarray,
+    def _domain(self, d: SeqDomainSpec, n: np.ndarray, cols: Mapping[str, _Ragged],
+                ts_row: np.ndarray, out: Dict[str, np.ndarray], rows: Rows, stats: np.ndarray,
                 dense: np.ndarray) -> None:
         """Writes ``d``, ``d_len``, ``d_time_bucket``, ``d_hour``, ``d_dayofweek`` and, for
-        seq_a..seq_d, the activity features of ``d`` into ``dense``."""
+        seq_a..seq_d, the activity features of ``d`` into ``dense``.
+
+        ``n``: events per row. Only the first ``width`` (the longest kept history) columns of
+        the history tensors are gathered; the rest of ``out``'s columns, if any, are zeroed.
+        """
         sides = [cols[s.column] for s in d.side]
         ts_col = cols[d.ts_column] if d.ts_column else None
-        n = np.max([r.lens for r in sides], axis=0)  # events per row: the longest side column
         lens = [r.lens for r in sides] + ([ts_col.lens] if ts_col is not None else [])
         stats[self._stat[f"len_mismatch/{d.name}"]] += np.count_nonzero(
             np.any([x != n for x in lens], axis=0))
-        L = d.max_len
+        kept = np.minimum(n, d.max_len)
+        out[f"{d.name}_len"][rows] = kept
+        width = max(1, int(kept.max(initial=0)))
         activity = self.layout.has_activity and d.name in ACTIVITY_DOMAINS
         key = None
         if ts_col is not None and (self.keep_recent or activity):
-            # Missing or <= 0 timestamps become 0: the oldest, and outside every window.
-            key = np.maximum(_flat_events(ts_col, n), 0).astype(np.int64, copy=False)
-        idx = recent_order(key, n, L) if key is not None and self.keep_recent else \
-            head_order(n, L)
+            key = _flat_events(ts_col, n).astype(np.int64, copy=False)
+            if key.size and key.min() < 0:  # missing or <= 0 timestamps: 0, the oldest
+                key = np.maximum(key, 0)
+        idx = recent_order(key, n, width) if key is not None and self.keep_recent else \
+            head_order(n, width)
 
-        shape, scratch = (n.size, L), self._scratch
+        B, scratch = n.size, self._scratch
         cache: List[Tuple[_Ragged, Tuple[np.ndarray, np.ndarray]]] = []
 
         def where(r: _Ragged) -> Tuple[np.ndarray, np.ndarray]:
@@ -735,45 +799,74 @@ class BatchConverter:
             cache.append((r, _positions(r, idx, scratch, f"{d.name}/{len(cache)}")))
             return cache[-1][1]
 
-        seq, ids = out[d.name], scratch(f"{d.name}/a", shape, np.int64)
+        # Straight into ``out`` when ``rows`` is a slice; else into scratch, then scattered.
+        direct = isinstance(rows, slice)
+        targets = {k: out[k][rows, ..., :width] if direct else
+                   scratch(k, (B,) + out[k].shape[1:-1] + (width,), ID_DTYPE)
+                   for k in (d.name + s for s in HISTORY_SUFFIXES)}
+        seq, ids = targets[d.name], scratch(f"{d.name}/ids", (B, width), np.int64)
         for s, r in zip(d.side, sides):
+            dst = seq[:, s.offset]
             if s.vocab_size == 0:  # no vocabulary: the feature is 0
-                seq[rows, s.offset] = 0
+                dst[...] = 0
                 continue
             _take(r.values, *where(r), np.int64, out=ids)
-            self._clip_ids(ids, s, stats)
-            seq[rows, s.offset] = ids
-        out[f"{d.name}_len"][rows] = np.minimum(n, L)
+            np.clip(ids, 0, s.vocab_size, out=dst)  # ids <= 0 -> 0, OOV -> vocab
+            if dst.max() == s.vocab_size:  # count only when there is one
+                stats[self._stat[f"oov/{s.column}"]] += np.count_nonzero(dst == s.vocab_size)
 
+        counts = None
         if ts_col is None:  # no timestamps: no time bucket, hour or day of week
-            for suffix in ("_time_bucket", "_hour", "_dayofweek"):
-                out[d.name + suffix][rows] = 0
+            for suffix in HISTORY_SUFFIXES[1:]:
+                targets[d.name + suffix][...] = 0
         else:
-            ts = _take(ts_col.values, *where(ts_col), np.int64, out=scratch(f"{d.name}/b", shape,
-                                                                             np.int64))
-            valid = np.greater(ts, 0, out=scratch(f"{d.name}/valid", shape, np.bool_))
-            work = np.subtract(ts_row[:, None], ts, out=ids)
-            np.maximum(work, 0, out=work)
-            bucket = np.searchsorted(TIME_BUCKET_BOUNDARIES, work)
-            np.minimum(bucket, NUM_TIME_BUCKETS - 2, out=bucket)
-            bucket += 1
-            bucket *= valid
-            out[f"{d.name}_time_bucket"][rows] = bucket
-            hour, dow = _hour_dow(ts, self.offset_s, out=(work, bucket))
-            hour += 1
-            hour *= valid
-            out[f"{d.name}_hour"][rows] = hour
-            dow += 1
-            dow *= valid
-            out[f"{d.name}_dayofweek"][rows] = dow
+            ts = _take(ts_col.values, *where(ts_col), np.int64,
+                       out=scratch(f"{d.name}/ts", (B, width), np.int64))
+            missing = np.less_equal(ts, 0, out=scratch(f"{d.name}/missing", (B, width), np.bool_))
+            age = np.subtract(ts_row[:, None], ts, out=scratch(f"{d.name}/age", (B, width),
+                                                                  np.int64))
+            if activity and key is not None and self.keep_recent:
+                counts = self._recent_window_counts(key, n, kept, ts_row, ts, age, missing, ids)
+            np.copyto(age, _NO_AGE, where=missing)
+            targets[f"{d.name}_time_bucket"][...] = np.searchsorted(_BUCKET_EDGES, age)
+            hours = _hour_of_week(ts, self.offset_s, out=age, work=ids)
+            np.copyto(hours, _NO_HOUR, where=missing)
+            _HOUR_IDS.take(hours, out=targets[f"{d.name}_hour"], mode="clip")
+            _DAY_IDS.take(hours, out=targets[f"{d.name}_dayofweek"], mode="clip")
+        if not direct:
+            for k, block in targets.items():
+                out[k][rows, ..., :width] = block
+        if width < out[d.name].shape[-1]:
+            for k in targets:
+                out[k][rows, ..., width:] = 0
 
         if activity:  # fid 900 + k: history length; 904 + 3k ..: the windows' counts
             k = ACTIVITY_DOMAINS.index(d.name)
             dense[:, self._activity[ACTIVITY_FIDS[k]]] = np.log1p(n)
             if key is not None:
+                if counts is None:
+                    counts = _window_counts(key, n, ts_row)
                 fids = ACTIVITY_FIDS[4 + 3 * k:4 + 3 * (k + 1)]
-                dense[:, [self._activity[f] for f in fids]] = np.log1p(
-                    _window_counts(key, n, ts_row))
+                dense[:, [self._activity[f] for f in fids]] = np.log1p(counts)
+
+    @staticmethod
+    def _recent_window_counts(key: np.ndarray, n: np.ndarray, kept: np.ndarray,
+                              ts_row: np.ndarray, ts: np.ndarray, age: np.ndarray,
+                              missing: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """The activity window counts of every row, from its kept (most recent) events.
+
+        Every event left out is at most as recent as the oldest kept one, so only a row whose
+        oldest kept event is inside the longest window may have more events in it: those
+        rows, if any, are counted over their full history (``key``, ``n``).
+        """
+        counts = _kept_window_counts(age, missing, work)
+        cut = np.flatnonzero(n > kept)  # kept == max_len == the width of ``ts``
+        if cut.size:
+            oldest = ts[cut, -1]
+            spill = cut[oldest >= np.maximum(ts_row[cut] - _WINDOWS.max(), 1)]
+            if spill.size:
+                counts[spill] = _window_counts(*_row_events(key, n, spill), ts_row[spill])
+        return counts
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -857,7 +950,8 @@ class PCVRDataset(IterableDataset):
             batches = self._shuffled(units, rng)
         else:
             batches = (b for rb in self._record_batches(units)
-                       for b in _split(self.converter(rb), self.batch_size))
+                       for b in _split(self.converter(rb), self.batch_size,
+                                       self.converter.histories))
         for batch in batches:
             yield {k: torch.from_numpy(v) for k, v in batch.items()}
 
@@ -871,6 +965,7 @@ class PCVRDataset(IterableDataset):
         hundreds of MB are not faulted in again and again.
         """
         B, cap = self.batch_size, self.buffer_batches * self.batch_size
+        histories = self.converter.histories
         size = min(cap + self.chunk_rows, sum(u.num_rows for u in units))
         if size == 0:  # an idle shard (more workers than row groups)
             return
@@ -887,9 +982,9 @@ class PCVRDataset(IterableDataset):
                     self.converter(rb.slice(0, n), pool, slots[held:held + n])
                     held, rb = held + n, rb.slice(n)
                     while held > cap:
-                        held = yield from _draw(pool, slots, held, B, rng)
+                        held = yield from _draw(pool, slots, held, B, rng, histories)
             while held:
-                held = yield from _draw(pool, slots, held, min(B, held), rng)
+                held = yield from _draw(pool, slots, held, min(B, held), rng, histories)
         finally:
             self._pool = pool  # drawn batches are copies: nothing refers to the pool any more
 
@@ -925,26 +1020,48 @@ def _bad_column(pf: pq.ParquetFile, row_group: int, columns: Sequence[str]) -> s
     return ""
 
 
-def _split(batch: Dict[str, np.ndarray], batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
-    """``batch_size``-row views of a converted chunk; its ``data_stats`` go with the first."""
-    stats = batch.pop("data_stats")
+def _trim(batch: Mapping[str, np.ndarray], histories: Mapping[str, Sequence[str]],
+          take: Callable[[np.ndarray, Tuple[Any, ...]], np.ndarray]) -> Dict[str, np.ndarray]:
+    """``take(array, columns)`` of every array of ``batch`` but ``data_stats``: ``columns`` is
+    the index of the axes after the first, ``()`` for all of them, but for a history tensor
+    ``(..., slice(width))``, ``width`` being the longest kept history (at least 1) of the rows
+    taken.
+
+    ``histories`` maps each ``{d}_len`` key to its domain's history tensors.
+    """
+    trimmed = {k for keys in histories.values() for k in keys}
+    out = {k: take(v, ()) for k, v in batch.items() if k != "data_stats" and k not in trimmed}
+    for len_key, keys in histories.items():
+        columns = (Ellipsis, slice(max(1, int(out[len_key].max(initial=0)))))
+        out.update({k: take(batch[k], columns) for k in keys})
+    return out
+
+
+def _split(batch: Dict[str, np.ndarray], batch_size: int,
+           histories: Mapping[str, Sequence[str]]) -> Iterator[Dict[str, np.ndarray]]:
+    """``batch_size``-row slices of a converted chunk, histories trimmed (``_trim``); its
+    ``data_stats`` go with the first. A slice is a view unless trimming cuts columns."""
     n = batch["label"].shape[0]
     for lo in range(0, n, batch_size):
-        view = {k: v[lo:lo + batch_size] for k, v in batch.items()}
-        view["data_stats"] = stats if lo == 0 else np.zeros_like(stats)
-        yield view
+        part = _trim(batch, histories, lambda v, columns, lo=lo: np.ascontiguousarray(
+            v[(slice(lo, lo + batch_size),) + columns]))
+        part["data_stats"] = batch["data_stats"] if lo == 0 else \
+            np.zeros_like(batch["data_stats"])
+        yield part
 
 
 def _draw(pool: Dict[str, np.ndarray], slots: np.ndarray, held: int, n: int,
-          rng: np.random.Generator) -> Generator[Dict[str, np.ndarray], None, int]:
-    """Yields ``n`` random held rows of ``pool`` as a batch (a copy) and frees their slots;
-    returns the new number of held rows. The pool's ``data_stats`` (the counts of every row
-    converted since the last draw) go with the batch, so totals are kept."""
+          rng: np.random.Generator, histories: Mapping[str, Sequence[str]]
+          ) -> Generator[Dict[str, np.ndarray], None, int]:
+    """Yields ``n`` random held rows of ``pool`` as a batch (a copy, histories trimmed as in
+    ``_trim``) and frees their slots; returns the new number of held rows. The pool's
+    ``data_stats`` (the counts of every row converted since the last draw) go with the
+    batch, so totals are kept."""
     pick = np.zeros(held, dtype=bool)
     pick[rng.choice(held, size=n, replace=False)] = True
     rows = slots[:held][pick]
     slots[:held] = np.concatenate([slots[:held][~pick], rows])  # drawn slots become free
-    batch = {k: v.take(rows, axis=0) for k, v in pool.items() if k != "data_stats"}
+    batch = _trim(pool, histories, lambda v, columns: v[(rows,) + columns])
     batch["data_stats"] = pool["data_stats"].copy()
     pool["data_stats"][:] = 0
     yield batch

@@ -111,7 +111,7 @@ DEFAULT_ROWS = 60000
 DEFAULT_EVAL_ROWS = 10000
 DEFAULT_SEED = 2026
 DEFAULT_VOCAB_CAP = 20000
-DEFAULT_SEQ_LEN_SCALE = 0.05
+DEFAULT_SEQ_LEN_SCALE = 0.04
 DEFAULT_FILES = 4
 EVENT_ORDERS = ("newest_first", "oldest_first", "unordered")
 DEFAULT_EVENT_ORDER = "oldest_first"
@@ -213,14 +213,14 @@ class Effect:
 
 
 EFFECTS: Tuple[Effect, ...] = (
-    Effect("base", "plain NS tokens (item 5/6/13, user 1/48/49)", 0.18),
-    Effect("abs_time", "--use_abs_time_emb --time_zone_offset_hours 8", 0.17),
-    Effect("activity", "--use_user_activity_dense (fids 900-915)", 0.08),
-    Effect("pair_62_66", "--use_pair_62_66", 0.20),
-    Effect("seq_affinity", "sequence encoders / target attention", 0.14),
+    Effect("base", "plain NS tokens (item 5/6/13, user 1/48/49)", 0.20),
+    Effect("abs_time", "--use_abs_time_emb --time_zone_offset_hours 8", 0.22),
+    Effect("activity", "--use_user_activity_dense (fids 900-915)", 0.10),
+    Effect("pair_62_66", "--use_pair_62_66", 0.15),
+    Effect("seq_affinity", "sequence encoders / target attention", 0.15),
     Effect("user_x_item", "NS tokenizers / RankMixer (user 1 x item 5, user 82 x item 13)",
-           0.10),
-    Effect("dense_dot", "user dense token (61, 87) x item tokens", 0.13),
+           0.08),
+    Effect("dense_dot", "user dense token (61, 87) x item tokens", 0.10),
 )
 NOISE_SHARE = 0.04              # of the total logit variance, unobservable
 TARGET_POS_RATE = 0.096
@@ -599,7 +599,7 @@ def _build_items(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
     leaf = sub * LEAVES_PER_SUBCAT + _power_index(rng, LEAVES_PER_SUBCAT, n, 1.5)
     author = cat + N_CATEGORIES * _power_index(rng, N_AUTHORS // N_CATEGORIES, n, 2.0)
     itype = (cat + _power_index(rng, N_ITEM_TYPES, n, 2.5)) % N_ITEM_TYPES
-    latent = cat_z[cat] + 0.35 * rng.standard_normal((n, LATENT_DIM))
+    latent = cat_z[cat] + 0.2 * rng.standard_normal((n, LATENT_DIM))
     pop = (np.arange(n) + 10.0) ** -1.1
     pop = pop[rng.permutation(n)]
     by_cat = np.lexsort((np.arange(n), cat))
@@ -1167,7 +1167,7 @@ def _write_split(world: _World, out_dir: str, split: str, rows: int, start: int,
                 truths.append(truth)
                 n_groups += 1
     truth = {k: np.concatenate([t[k] for t in truths]) for k in truths[0]}
-    np.savez(os.path.join(out_dir, TRUTH_FILE), **truth, **_category_links(world))
+    np.savez(os.path.join(out_dir, TRUTH_FILE), **truth, **_links(world))
     summary = {
         "split": split, "dir": out_dir, "rows": rows, "files": bounds.size - 1,
         "row_groups": n_groups, "rows_per_group": rows_per_group,
@@ -1184,11 +1184,14 @@ def _explainable_logit(truth: Mapping[str, np.ndarray]) -> np.ndarray:
     return sum(truth[f"logit_{e.name}"].astype(np.float64) for e in EFFECTS)
 
 
-def _category_links(world: _World) -> Dict[str, np.ndarray]:
-    """The id that encodes each latent category (index = category) in every linked column."""
-    cats = np.arange(N_CATEGORIES)
+def _links(world: _World) -> Dict[str, np.ndarray]:
+    """The id that encodes each latent category / item type (array index) in every column
+    that an effect links, e.g. ``category_item_int_5`` and ``category_domain_a_seq_42``."""
+    cats, types = np.arange(N_CATEGORIES), np.arange(N_ITEM_TYPES)
     links = {"category_item_int_5": world.maps["item_5"](cats),
-             "category_user_int_63": world.maps["user_63"](cats)}
+             "category_user_int_63": world.maps["user_63"](cats),
+             "type_item_int_13": world.maps["item_13"](types),
+             "type_user_int_62": world.maps["user_62"](types)}
     for dom in world.domains:
         links[f"category_{dom.layout.prefix}_{dom.cat_fid}"] = dom.cat_map(cats)
     return links

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules import Dropout
 from schema import ACTIVITY_FIDS, FeatureSpec, SeqDomainSpec
 
 # Time-bucket ids 1..63 (0 = padding): 63 boundaries (pipeline_spec §1.5; model_spec's 65 is
@@ -394,7 +395,7 @@ class SequenceTokenizer(nn.Module):
                                      for s in live})
         self.features: List[Tuple[int, str, bool]] = [  # (F-axis index, table key, is id)
             (s.offset, str(s.fid), s.vocab_size > id_threshold) for s in live]
-        self.id_dropout = nn.Dropout(id_dropout)
+        self.id_dropout = Dropout(id_dropout)
         self.proj = nn.Linear(len(live) * emb_dim, d_model)
         self.norm = nn.LayerNorm(d_model)
 

@@ -41,15 +41,17 @@ from decoupling import DecoupledOutput, EntityDecoupler
 from feature_tokens import (NUM_TIME_BUCKETS, DenseCrossToken, DenseToken, GroupNSTokenizer,
                             NSFeatureEmbedding, PairModeUserDenseToken, RankMixerNSTokenizer,
                             SequenceTokenizer, has_table, init_table_)
-from modules import (CrossAttention, GatedTokenAutoInt, HeadCrossNet, LongerEncoder,
-                     MultiSeqQueryGenerator, NSAutoIntLayer, NSSelfAttention, NSTokenSEGate,
-                     RankMixerBlock, RotaryEmbedding, SwiGLUEncoder, TargetAwareAttentionHead,
-                     TransformerEncoder, masked_mean, valid_mask)
+from modules import (BucketedSeq, CrossAttention, Dropout, GatedTokenAutoInt, HeadCrossNet,
+                     LongerEncoder, MultiSeqQueryGenerator, NSAutoIntLayer, NSSelfAttention,
+                     NSTokenSEGate, RankMixerBlock, RotaryEmbedding, RowBuckets, SwiGLUEncoder,
+                     TargetAwareAttentionHead, TransformerEncoder, masked_mean, valid_mask)
 from schema import FeatureLayout, FeatureSpec
 
 log = logging.getLogger(__name__)
 
 ROPE_MAX_LEN = 2048
+# Most length buckets per domain and batch (the cost model of RowBuckets picks how many).
+MAX_SEQ_BUCKETS = 8
 DENSE_CROSS_SOURCES = ("user_dense", "item_dense", "item_ns")
 AUTOINT_POSITIONS = ("pre_mixer", "post_mixer")
 NSGroups = Mapping[str, Any]
@@ -189,8 +191,11 @@ class HyFormerBlock(nn.Module):
     ``[queries (domain order), NS]`` -> ``[B, T, D]``; 5. optional combined AutoInt
     (pre-mixer), RankMixer, optional combined AutoInt (post-mixer); 6. split back.
 
-    Shape: q ``[B, S, Nq, D]``, ns ``[B, N_ns, D]``, seqs ``S x [B, L_s, D]``, lens ``S x [B]``
-        -> the same four (sequence lengths shrink to ``top_k`` with the ``longer`` encoder).
+    Steps 1-2 run per length bucket of each domain (``BucketedSeq``); the queries' results
+    are merged back into batch order.
+
+    Shape: q ``[B, S, Nq, D]``, ns ``[B, N_ns, D]``, seqs ``S x BucketedSeq`` -> the same three
+        (bucket lengths shrink to ``top_k`` with the ``longer`` encoder).
     """
 
     def __init__(self, cfg: ModelConfig, num_domains: int, num_ns: int,
@@ -231,13 +236,16 @@ class HyFormerBlock(nn.Module):
         raise ValueError(f"seq_encoder_type must be transformer, swiglu or longer, got "
                          f"{cfg.seq_encoder_type!r}")
 
-    def forward(self, q: torch.Tensor, ns: torch.Tensor, seqs: List[torch.Tensor],
-                lens: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor,
-                                                   List[torch.Tensor], List[torch.Tensor]]:
-        encoded = [enc(s, n) for enc, s, n in zip(self.encoders, seqs, lens)]
-        seqs, lens = [s for s, _ in encoded], [n for _, n in encoded]
-        q = torch.stack([attn(q[:, i], s, n) for i, (attn, s, n)
-                         in enumerate(zip(self.cross_attns, seqs, lens))], dim=1)
+    def forward(self, q: torch.Tensor, ns: torch.Tensor, seqs: List[BucketedSeq]
+                ) -> Tuple[torch.Tensor, torch.Tensor, List[BucketedSeq]]:
+        queries, encoded_seqs = [], []
+        for i, (enc, attn, seq) in enumerate(zip(self.encoders, self.cross_attns, seqs)):
+            encoded = [enc(s, n) for s, n in zip(seq.tokens, seq.lens)]
+            seq = BucketedSeq(seq.buckets, [s for s, _ in encoded], [n for _, n in encoded])
+            queries.append(seq.buckets.merge([attn(qb, s, n) for qb, s, n in zip(
+                seq.buckets.split(q[:, i]), seq.tokens, seq.lens)]))
+            encoded_seqs.append(seq)
+        q = torch.stack(queries, dim=1)
         if self.ns_feature_cross is not None:
             ns = self.ns_feature_cross(ns)
         x = torch.cat([q.flatten(1, 2), ns], dim=1)
@@ -247,7 +255,7 @@ class HyFormerBlock(nn.Module):
         if self.combined_autoint is not None and not self.autoint_pre_mixer:
             x = self.combined_autoint(x)
         q, ns = x.split([self.num_seq_tokens, x.shape[1] - self.num_seq_tokens], dim=1)
-        return q.unflatten(1, (len(seqs), -1)), ns, seqs, lens
+        return q.unflatten(1, (len(seqs), -1)), ns, encoded_seqs
 
 
 # ----------------------------------------------------------------------------- the model
@@ -268,6 +276,8 @@ class PCVRHyFormer(nn.Module):
     Attributes:
         num_ns_tokens: ``N_ns``.
         num_tokens: ``T = num_queries * S + N_ns``.
+        max_seq_buckets: the most length buckets per domain (``modules.RowBuckets``; 1 =
+            only trim every domain to its longest row). Outputs do not depend on it.
 
     Inputs (``forward``/``predict``): the batch dict of the data pipeline (pipeline_spec
     §1.8): ``user_int_feats [B, *]``, ``item_int_feats [B, *]``, ``user_dense_feats``,
@@ -374,7 +384,7 @@ class PCVRHyFormer(nn.Module):
         # Backbone, §5-§6.
         self.query_generator = MultiSeqQueryGenerator(num_domains, cfg.num_queries,
                                                       self.num_ns_tokens, d, cfg.hidden_mult)
-        self.input_dropout = nn.Dropout(cfg.dropout_rate)
+        self.input_dropout = Dropout(cfg.dropout_rate)
         rope = None
         if cfg.use_rope:
             longest = max(dom.max_len for dom in layout.seq)
@@ -384,6 +394,10 @@ class PCVRHyFormer(nn.Module):
             rope = RotaryEmbedding(d // cfg.num_heads, cfg.rope_base, ROPE_MAX_LEN)
         self.blocks = nn.ModuleList(HyFormerBlock(cfg, num_domains, self.num_ns_tokens, rope)
                                     for _ in range(cfg.num_hyformer_blocks))
+        # Length buckets of the sequences (modules.RowBuckets). The longer encoder must keep
+        # its cross-attention branch (L > top_k), so its buckets stay longer than top_k.
+        self.max_seq_buckets = MAX_SEQ_BUCKETS
+        self.min_bucket_len = cfg.seq_top_k + 1 if cfg.seq_encoder_type == "longer" else 1
 
         # Head, §7, §9.9, §9.10.
         self.output_proj = nn.Sequential(nn.Linear(cfg.num_queries * num_domains * d, d),
@@ -396,7 +410,7 @@ class PCVRHyFormer(nn.Module):
                 raise ValueError("use_target_attention needs at least one item NS token")
             self.target_attention = TargetAwareAttentionHead(d, num_domains, cfg.hidden_mult)
         self.classifier = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.SiLU(),
-                                        nn.Dropout(cfg.dropout_rate),
+                                        Dropout(cfg.dropout_rate),
                                         nn.Linear(d, cfg.action_num))
 
     # ------------------------------------------------------------------ construction helpers
@@ -470,6 +484,15 @@ class PCVRHyFormer(nn.Module):
             item = specs(cfg.dense_cross_item_fids, group, f"dense_cross_item_fids ({source})")
         return DenseCrossToken(user, item, cfg.d_model, cfg.dense_cross_dim or cfg.d_model)
 
+    def _seq_time_tables(self, domain: str) -> List[Tuple[nn.Embedding, str]]:
+        """(table, batch key) of the per-event time embeddings added to ``domain``'s tokens."""
+        out = []
+        if self.time_bucket_emb is not None:
+            out.append((self.time_bucket_emb, f"{domain}_time_bucket"))
+        if self.use_abs_time:
+            out += [(self.seq_hour_emb, f"{domain}_hour"), (self.seq_dow_emb, f"{domain}_dayofweek")]
+        return out
+
     def _time_tables(self) -> List[nn.Embedding]:
         names = ("time_bucket_emb", "user_hour_emb", "user_dow_emb", "seq_hour_emb",
                  "seq_dow_emb")
@@ -518,38 +541,40 @@ class PCVRHyFormer(nn.Module):
             ns = self.se_gate(ns)
         return ns, aux, sample_weight
 
-    def _sequence_tokens(self, batch: Mapping[str, torch.Tensor]
-                         ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """-> per-domain tokens ``S x [B, L, D]`` and lengths ``S x [B]`` (§4)."""
-        seqs, lens = [], []
+    def _sequence_tokens(self, batch: Mapping[str, torch.Tensor]) -> List[BucketedSeq]:
+        """-> per-domain tokens (§4), built per length bucket: ``S x BucketedSeq``."""
+        seqs = []
         for name, tokenizer in self.seq_tokenizers.items():
-            x = tokenizer(batch[name])
-            if self.time_bucket_emb is not None:
-                x = x + self.time_bucket_emb(batch[f"{name}_time_bucket"])
-            if self.use_abs_time:  # padding rows are zero, so padded events add nothing
-                x = x + self.seq_hour_emb(batch[f"{name}_hour"]) + self.seq_dow_emb(
-                    batch[f"{name}_dayofweek"])
-            seqs.append(x)
-            lens.append(batch[f"{name}_len"])
-        return seqs, lens
+            lens = batch[f"{name}_len"]
+            buckets = RowBuckets(lens, batch[name].shape[2], self.max_seq_buckets,
+                                 self.min_bucket_len)
+            tokens = [tokenizer(ids) for ids in buckets.split(batch[name], seq_dim=2)]
+            # Per-event time embeddings; padding ids are 0 (zero rows), so padding adds nothing.
+            for table, key in self._seq_time_tables(name):
+                tokens = [x + table(ids) for x, ids
+                          in zip(tokens, buckets.split(batch[key], seq_dim=1))]
+            seqs.append(BucketedSeq(buckets, tokens, buckets.split(lens)))
+        return seqs
 
     def _forward_impl(self, batch: Mapping[str, torch.Tensor], input_dropout: bool) -> ModelOutput:
         ns, aux, sample_weight = self._ns_tokens(batch)
-        seqs, lens = self._sequence_tokens(batch)
-        pooled = torch.stack([masked_mean(s, valid_mask(n, s.shape[1]))
-                              for s, n in zip(seqs, lens)], dim=1)
+        seqs = self._sequence_tokens(batch)
+        pooled = torch.stack([seq.buckets.merge([masked_mean(s, valid_mask(n, s.shape[1]))
+                                                 for s, n in zip(seq.tokens, seq.lens)])
+                              for seq in seqs], dim=1)
         q = self.query_generator(ns, pooled)  # [B, S, Nq, D], from the undropped tokens
         if input_dropout:
             q, ns = self.input_dropout(q), self.input_dropout(ns)
-            seqs = [self.input_dropout(s) for s in seqs]
+            seqs = [seq._replace(tokens=[self.input_dropout(s) for s in seq.tokens])
+                    for seq in seqs]
         for block in self.blocks:
-            q, ns, seqs, lens = block(q, ns, seqs, lens)
+            q, ns, seqs = block(q, ns, seqs)
         h = self.output_proj(q.flatten(1))
         if self.head_cross is not None:
             h = self.head_cross(h)
         if self.target_attention is not None:
             target = ns[:, self.item_ns_start:self.item_ns_end].mean(dim=1)
-            h = self.target_attention(h, target, seqs, lens)
+            h = self.target_attention(h, target, seqs)
         return ModelOutput(self.classifier(h), aux, sample_weight)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutput:

@@ -22,6 +22,8 @@ from dataset import (NUM_TIME_BUCKETS, TIME_BUCKET_BOUNDARIES, BatchConverter, D
 from schema import PAIR_FIDS, parse_schema
 
 LN2, LN3, LN4 = math.log1p(1), math.log1p(2), math.log1p(3)
+DOMAINS = ("seq_a", "seq_b", "seq_c", "seq_d")
+HISTORY_SUFFIXES = ("", "_time_bucket", "_hour", "_dayofweek")
 
 
 def layout_of(schema, seq_max_lens, activity=True):
@@ -71,16 +73,17 @@ def test_golden_example(tmp_path):
     assert got["seq_a_time_bucket"] == [[1, 2], [0, 0], [0, 0]]
     assert got["seq_a_hour"] == [[17, 17], [0, 0], [0, 0]]
     assert got["seq_a_dayofweek"] == [[4, 4], [0, 0], [0, 0]]
-    assert got["seq_b"] == [[[1, 0, 0, 0]], [[2, 0, 0, 0]], [[3, 0, 0, 0]]]
+    # Histories are trimmed to the batch's longest kept one: seq_b keeps 1 event of 4.
+    assert got["seq_b"] == [[[1]], [[2]], [[3]]]
     assert got["seq_b_len"] == [1, 1, 1]
     assert [r[0] for r in got["seq_b_time_bucket"]] == [13, 50, 1]
     assert [r[0] for r in got["seq_b_hour"]] == [17, 17, 9]
     assert [r[0] for r in got["seq_b_dayofweek"]] == [4, 7, 4]
-    assert got["seq_c"][0] == [[1, 1, 0, 0]] and got["seq_c_len"] == [2, 0, 0]
-    assert got["seq_c_time_bucket"][0] == [1, 0, 0, 0]
-    assert got["seq_d"][0] == [[4, 4, 0, 0]] and got["seq_d_len"] == [2, 0, 0]
-    assert got["seq_d_time_bucket"][0] == [1, 63, 0, 0]
-    assert got["seq_d_hour"][0] == [17, 18, 0, 0] and got["seq_d_dayofweek"][0] == [4, 3, 0, 0]
+    assert got["seq_c"][0] == [[1, 1]] and got["seq_c_len"] == [2, 0, 0]
+    assert got["seq_c_time_bucket"][0] == [1, 0]
+    assert got["seq_d"][0] == [[4, 4]] and got["seq_d_len"] == [2, 0, 0]
+    assert got["seq_d_time_bucket"][0] == [1, 63]
+    assert got["seq_d_hour"][0] == [17, 18] and got["seq_d_dayofweek"][0] == [4, 3]
     # Fix 5 (full history): fid 900 is log1p(3 stored events) = ln4, not log1p(2) = ln3.
     expected_dense = [
         [1.5, 2.5, LN4, LN2, LN3, LN3, LN2, LN3, LN3, LN2, LN2, LN2, 0, 0, 0, LN2, LN2, LN2],
@@ -89,12 +92,16 @@ def test_golden_example(tmp_path):
     ]
     np.testing.assert_allclose(got["user_dense_feats"], expected_dense, rtol=1e-6)
     assert b["item_dense_feats"].shape == (3, 0)
-    seq_keys = {d + s for d in ("seq_a", "seq_b", "seq_c", "seq_d")
+    seq_keys = {d + s for d in DOMAINS
                 for s in ("", "_len", "_time_bucket", "_hour", "_dayofweek")}
     floats = {"label", "user_dense_feats", "item_dense_feats"}  # label: float32, not int64
+    longs = {"timestamp", "user_id", "data_stats"} | {d + "_len" for d in DOMAINS}
     assert set(b) == seq_keys | floats | {"user_int_feats", "item_int_feats", "timestamp",
                                           "hour", "dayofweek", "user_id", "data_stats"}
-    assert all(v.dtype == (torch.float32 if k in floats else torch.int64) for k, v in b.items())
+    # Embedding indices are int32, what nn.Embedding takes without a cast.
+    assert all(v.dtype == (torch.float32 if k in floats else torch.int64 if k in longs
+                           else torch.int32) for k, v in b.items())
+    assert all(v.is_contiguous() for v in b.values())
     stats = DataStats(train.stat_names)
     stats.add(b)
     assert {k: v for k, v in stats.as_dict().items() if v} == {
@@ -308,20 +315,45 @@ def test_conversion_matches_per_row_reference(rows, keep, pad, tz, labels):
     got, conv = convert(table, PROP_SCHEMA, PROP_LENS, read_labels=labels, **cfg)
     want = slow_convert(rows, conv.layout, DataConfig(seq_max_lens=PROP_LENS, **cfg), labels)
     assert set(got) == set(want)
+    # Histories come trimmed to the longest kept one (at least 1): the rest is padding.
+    want = trim_histories(want, conv.layout)
     for k in want:
         if k == "user_dense_feats" or k == "item_dense_feats":
             np.testing.assert_allclose(got[k], want[k].reshape(got[k].shape), rtol=1e-6,
                                        err_msg=k)
         else:
             np.testing.assert_array_equal(got[k], want[k].reshape(got[k].shape), err_msg=k)
-    # Converting into scattered rows of a shared buffer (the shuffle path) gives the same rows.
+    # Converting into scattered rows of a shared buffer (the shuffle path) gives the same rows,
+    # zero-padded to max_len.
     perm = np.random.default_rng(len(rows)).permutation(2 * len(rows))[:len(rows)]
     buf = conv.allocate(2 * len(rows))
+    for k in history_keys(conv.layout):
+        buf[k][:] = 99  # stale rows of an earlier pass: overwritten up to max_len
     conv(table.select(list(conv.columns)).combine_chunks().to_batches()[0], buf, perm)
     for k in want:
         if k != "data_stats":
-            np.testing.assert_array_equal(buf[k][perm], got[k], err_msg=k)
+            width = got[k].shape[-1] if k in history_keys(conv.layout) else None
+            np.testing.assert_array_equal(buf[k][perm][..., :width], got[k], err_msg=k)
+            if width is not None:
+                assert not buf[k][perm][..., width:].any(), k
     np.testing.assert_array_equal(buf["data_stats"], got["data_stats"])
+
+
+def history_keys(layout):
+    return {d.name + s for d in layout.seq for s in HISTORY_SUFFIXES}
+
+
+def trim_histories(batch, layout):
+    """The reference's max_len histories cut to the longest kept one (at least 1), checking
+    that only padding is cut."""
+    out = dict(batch)
+    for d in layout.seq:
+        width = max(1, int(np.max(batch[d.name + "_len"], initial=0)))
+        for k in (d.name + s for s in HISTORY_SUFFIXES):
+            full = np.asarray(batch[k])
+            assert not full[..., width:].any(), k
+            out[k] = full[..., :width]
+    return out
 
 
 def test_recent_order_classes():

@@ -268,27 +268,32 @@ def test_planted_effects_are_visible_in_the_parquet(data):
     assert high > low + 0.02
 
     with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
-        links = {k: z[k] for k in z.files if k.startswith("category_")}
-    item_cat_ids = table["item_int_feats_5"].to_numpy()
-    latent_cat = np.argmax(links["category_item_int_5"][None, :] == item_cat_ids[:, None], axis=1)
+        links = {k: z[k] for k in z.files if k.startswith(("category_", "type_"))}
 
-    # pair_62_66: the dense value the user's fid 63 list pairs with the target's category.
-    row, ids = _ragged(table["user_int_feats_63"])
-    _, values = _ragged(table["user_dense_feats_63"])
-    hit = ids == links["category_user_int_63"][latent_cat[row]]
+    def latent(column: str, link: str) -> np.ndarray:
+        ids = table[column].to_numpy()
+        return np.argmax(links[link][None, :] == ids[:, None], axis=1)
+
+    # pair_62_66: the dense value the user's fid 62 list pairs with the target's item type.
+    item_type = latent("item_int_feats_13", "type_item_int_13")
+    row, ids = _ragged(table["user_int_feats_62"])
+    _, values = _ragged(table["user_dense_feats_62"])
+    hit = ids == links["type_user_int_62"][item_type[row]]
     paired = np.zeros(n)
-    paired[row[hit]] = np.log1p(values[hit])
+    paired[row[hit]] = np.log1p(values[hit]) + 1e-6
     present = paired > 0
     cut = np.median(paired[present])
     assert label[present & (paired > cut)].mean() > label[present & (paired <= cut)].mean() + 0.03
+    assert label[paired > cut].mean() > label[~present].mean() + 0.03
 
-    # seq_affinity: share of the history in the target's category, recency weighted.
+    # seq_affinity: share of the history in the target's category, recent events x3.
+    latent_cat = latent("item_int_feats_5", "category_item_int_5")
     weighted, matched = np.zeros(n), np.zeros(n)
     for prefix, ts_fid, _ in dd.ONLINE_SEQ.values():
         key = next(k for k in links if k.startswith(f"category_{prefix}_"))
         row, cats = _ragged(table[key[len("category_"):]])
         _, ev = _ragged(table[f"{prefix}_{ts_fid}"])
-        w = np.exp(-(ts[row] - ev) / (2 * 86400.0))
+        w = np.where(ts[row] - ev <= 5 * 86400, 3.0, 1.0)
         weighted += np.bincount(row, weights=w, minlength=n)
         matched += np.bincount(row, weights=w * (cats == links[key][latent_cat[row]]),
                                minlength=n)

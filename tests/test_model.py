@@ -278,11 +278,14 @@ def test_padding_time_ids_contribute_zero():
     opt = torch.optim.Adagrad(model.sparse_parameters(), lr=0.5)
     model(batch).logits.sum().backward()
     opt.step()
-    seqs, _ = model._sequence_tokens(batch)
-    for name, x in zip(model.seq_tokenizers, seqs):
-        plain = model.seq_tokenizers[name](batch[name])
-        pad = ~valid_mask(batch[f"{name}_len"], x.shape[1])
-        assert pad.any() and torch.equal(x[pad], plain[pad])
+    for name, seq in zip(model.seq_tokenizers, model._sequence_tokens(batch)):
+        padded = 0
+        for x, n, ids in zip(seq.tokens, seq.lens, seq.buckets.split(batch[name], seq_dim=2)):
+            plain = model.seq_tokenizers[name](ids)
+            pad = ~valid_mask(n, x.shape[1])
+            padded += int(pad.sum())
+            assert torch.equal(x[pad], plain[pad])
+        assert padded > 0
     for table in (model.time_bucket_emb, model.seq_hour_emb, model.seq_dow_emb):
         assert torch.equal(table.weight[0], torch.zeros(16))
 
