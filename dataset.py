@@ -502,7 +502,21 @@ def _stable_reverse(key: np.ndarray, n: np.ndarray, rows: np.ndarray, max_len: i
     return np.where(kept, s + p - a, _PAD)
 
 
-def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
+def order_counts(key: np.ndarray, n: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(rises, falls): int64 [B], per row the adjacent event pairs whose key rises / falls.
+
+    A row whose keys never fall (never rise) is stored oldest (newest) first. ``key`` and
+    ``n`` as in ``recent_order``.
+    """
+    counts = []
+    for compare in (np.greater, np.less):
+        flags = _pair_flags(key, n, compare)
+        counts.append(_pair_counts(flags, n) if flags.any() else np.zeros(n.size, np.int64))
+    return counts[0], counts[1]
+
+
+def recent_order(key: np.ndarray, n: np.ndarray, max_len: int,
+                 counts: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
     """Event indices of the ``max_len`` most recent events per row, newest first.
 
     Ties keep stored order. Rows stored newest first (keys never increase) or oldest first
@@ -512,19 +526,16 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int) -> np.ndarray:
         key: int64 [sum(n)], every row's event timestamps in stored order (0 = missing).
         n: int64 [B], events per row.
         max_len: L.
+        counts: ``order_counts(key, n)`` when already known.
     Returns:
         int64 [B, L]: stored event index per kept position, ``_PAD`` after the last one.
     """
-    idx = head_order(n, max_len)
-    rise = _pair_flags(key, n, np.greater)
-    if not rise.any():  # every row newest first already
-        return idx
-    fall = _pair_flags(key, n, np.less)
-    n_rise = _pair_counts(rise, n)
-    n_fall = _pair_counts(fall, n) if fall.any() else np.zeros_like(n_rise)
+    n_rise, n_fall = order_counts(key, n) if counts is None else counts
+    p = np.arange(max_len, dtype=np.int64)
     ascending = (n_rise > 0) & (n_fall == 0)
     strict = ascending & (n_rise == n - 1)  # no ties: the plain reversal
-    idx[strict] = np.where(idx[strict] < _PAD, n[strict, None] - 1 - idx[strict], _PAD)
+    idx = np.where(strict[:, None], (n - 1)[:, None] - p, p)
+    np.copyto(idx, _PAD, where=p >= np.minimum(n, max_len)[:, None])
     tied = np.flatnonzero(ascending & ~strict)
     if tied.size:
         idx[tied] = _stable_reverse(key, n, tied, max_len)
@@ -566,7 +577,7 @@ _BUCKET_EDGES = np.concatenate([[_NO_AGE], TIME_BUCKET_BOUNDARIES[:-1]])
 def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.ndarray:
     """int64 [B, 3]: per row, events with 0 < ts_row - key <= 1, 3, 5 days (key 0 = missing).
 
-    ``key`` holds every row's events concatenated (lengths ``n``).
+    ``key`` holds every row's events concatenated (lengths ``n``); a scan of every event.
     """
     age = np.repeat(ts_row, n)
     age -= key
@@ -581,19 +592,45 @@ def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.nda
     return counts
 
 
-def _kept_window_counts(age: np.ndarray, missing: np.ndarray, work: np.ndarray) -> np.ndarray:
-    """int64 [B, 3]: per row, the kept events with 1 <= age <= 1, 3, 5 days.
+def _sorted_window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray,
+                          descending: np.ndarray) -> np.ndarray:
+    """``_window_counts`` of rows whose keys are sorted, ascending or, where ``descending``,
+    descending: a binary search per row and window edge, not a scan of every event.
 
-    ``age`` int64 [B, L] is ts_row - event time, ``missing`` bool [B, L] marks padding and
-    missing timestamps; ``work`` is an int64 [B, L] scratch array.
+    Within such a row the events before a time t (ascending) or at or after it (descending)
+    form a prefix; a window [ts_row - W, ts_row - 1] holds the difference of two prefixes.
     """
-    np.subtract(age, 1, out=work)
-    np.copyto(work, -1, where=missing)  # as unsigned, age - 1 < W  <=>  1 <= age <= W
-    counts = np.empty((age.shape[0], len(_WINDOWS)), dtype=np.int64)
-    for w, window in enumerate(_WINDOWS):
-        counts[:, w] = (work.view(np.uint64) < window).view(np.uint8).sum(axis=1,
-                                                                           dtype=np.int32)
-    return counts
+    starts = np.cumsum(n) - n
+    edges = np.concatenate([ts_row[:, None], np.maximum(ts_row[:, None] - _WINDOWS, 1)],
+                           axis=1)  # [B, 4]: ts_row, then each window's first second
+    flip = descending[:, None]
+    lo, hi = np.zeros(edges.shape, np.int64), np.repeat(n[:, None], edges.shape[1], axis=1)
+    for _ in range(int(n.max(initial=0)).bit_length()):  # halves every [lo, hi) interval
+        mid = (lo + hi) >> 1
+        before = (key[np.minimum(starts[:, None] + mid, max(key.size - 1, 0))] < edges) != flip
+        active = lo < hi
+        lo = np.where(active & before, mid + 1, lo)
+        hi = np.where(active & ~before, mid, hi)
+    inside = (lo[:, :1] - lo[:, 1:]) * np.where(descending, -1, 1)[:, None]
+    return np.maximum(inside, 0)  # empty when ts_row < 1
+
+
+def _activity_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray,
+                     counts: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``_window_counts``: by binary search for the rows stored in time order (either way,
+    ``counts`` = ``order_counts(key, n)``), by a scan of the others' events."""
+    n_rise, n_fall = counts
+    sorted_rows = (n_rise == 0) | (n_fall == 0)
+    if not key.size or sorted_rows.all():
+        return _sorted_window_counts(key, n, ts_row, n_rise == 0) if key.size else \
+            np.zeros((n.size, len(_WINDOWS)), np.int64)
+    out = np.empty((n.size, len(_WINDOWS)), np.int64)
+    rows = np.flatnonzero(sorted_rows)
+    out[rows] = _sorted_window_counts(*_row_events(key, n, rows), ts_row[rows],
+                                      n_rise[rows] == 0)
+    rows = np.flatnonzero(~sorted_rows)
+    out[rows] = _window_counts(*_row_events(key, n, rows), ts_row[rows])
+    return out
 
 
 def _is_activity(layout: FeatureLayout, spec: FeatureSpec) -> bool:
@@ -785,8 +822,9 @@ class BatchConverter:
             key = _flat_events(ts_col, n).astype(np.int64, copy=False)
             if key.size and key.min() < 0:  # missing or <= 0 timestamps: 0, the oldest
                 key = np.maximum(key, 0)
-        idx = recent_order(key, n, width) if key is not None and self.keep_recent else \
-            head_order(n, width)
+        counts = order_counts(key, n) if key is not None else None
+        idx = recent_order(key, n, width, counts) if key is not None and self.keep_recent \
+            else head_order(n, width)
 
         B, scratch = n.size, self._scratch
         cache: List[Tuple[_Ragged, Tuple[np.ndarray, np.ndarray]]] = []
@@ -815,7 +853,6 @@ class BatchConverter:
             if dst.max() == s.vocab_size:  # count only when there is one
                 stats[self._stat[f"oov/{s.column}"]] += np.count_nonzero(dst == s.vocab_size)
 
-        counts = None
         if ts_col is None:  # no timestamps: no time bucket, hour or day of week
             for suffix in HISTORY_SUFFIXES[1:]:
                 targets[d.name + suffix][...] = 0
@@ -825,8 +862,6 @@ class BatchConverter:
             missing = np.less_equal(ts, 0, out=scratch(f"{d.name}/missing", (B, width), np.bool_))
             age = np.subtract(ts_row[:, None], ts, out=scratch(f"{d.name}/age", (B, width),
                                                                   np.int64))
-            if activity and key is not None and self.keep_recent:
-                counts = self._recent_window_counts(key, n, kept, ts_row, ts, age, missing, ids)
             np.copyto(age, _NO_AGE, where=missing)
             targets[f"{d.name}_time_bucket"][...] = np.searchsorted(_BUCKET_EDGES, age)
             hours = _hour_of_week(ts, self.offset_s, out=age, work=ids)
@@ -844,29 +879,9 @@ class BatchConverter:
             k = ACTIVITY_DOMAINS.index(d.name)
             dense[:, self._activity[ACTIVITY_FIDS[k]]] = np.log1p(n)
             if key is not None:
-                if counts is None:
-                    counts = _window_counts(key, n, ts_row)
                 fids = ACTIVITY_FIDS[4 + 3 * k:4 + 3 * (k + 1)]
-                dense[:, [self._activity[f] for f in fids]] = np.log1p(counts)
-
-    @staticmethod
-    def _recent_window_counts(key: np.ndarray, n: np.ndarray, kept: np.ndarray,
-                              ts_row: np.ndarray, ts: np.ndarray, age: np.ndarray,
-                              missing: np.ndarray, work: np.ndarray) -> np.ndarray:
-        """The activity window counts of every row, from its kept (most recent) events.
-
-        Every event left out is at most as recent as the oldest kept one, so only a row whose
-        oldest kept event is inside the longest window may have more events in it: those
-        rows, if any, are counted over their full history (``key``, ``n``).
-        """
-        counts = _kept_window_counts(age, missing, work)
-        cut = np.flatnonzero(n > kept)  # kept == max_len == the width of ``ts``
-        if cut.size:
-            oldest = ts[cut, -1]
-            spill = cut[oldest >= np.maximum(ts_row[cut] - _WINDOWS.max(), 1)]
-            if spill.size:
-                counts[spill] = _window_counts(*_row_events(key, n, spill), ts_row[spill])
-        return counts
+                dense[:, [self._activity[f] for f in fids]] = np.log1p(
+                    _activity_counts(key, n, ts_row, counts))
 
 
 # ----------------------------------------------------------------------------- dataset

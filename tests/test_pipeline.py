@@ -147,3 +147,18 @@ def test_run_sh_smoke(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("auc ") and "oracle_auc" in last
     assert (tmp_path / "out" / "predictions" / "predictions.json").exists()
+
+
+def test_decoupling_flags_train_and_rebuild(demo, tmp_path, capfd):
+    argv = TINY_MODEL + ["--data_dir", str(demo), "--ckpt_dir", str(tmp_path / "ck"),
+                         "--num_epochs", "1", "--use_endogenous_decoupling", "--decouple_user",
+                         "--decouple_dim", "8", "--decouple_temperature", "0.2"]
+    result = train.main(argv)
+    logged = capfd.readouterr().err
+    for name in ("item/side_ssl", "item/stage1", "item/atom_orth_ssl", "user/side_ssl"):
+        assert f"loss/{name}" in logged  # each self-supervised loss is logged separately
+    cfg, _ = infer.load_checkpoint_config(result.best_checkpoint)
+    assert cfg.model.use_endogenous_decoupling and cfg.decoupling.decouple_user
+    assert cfg.decoupling.decouple_temperature == 0.2
+    model, _, _ = infer.load_model(result.best_checkpoint, cfg)  # strict load
+    assert any("decoupl" in k for k in model.state_dict())
