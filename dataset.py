@@ -9,24 +9,34 @@ with ``BatchConverter`` and, when training, shuffles rows through a buffer of
 ``DataStats`` sums the repair counters that every batch carries.
 
 The conversion never loops over rows in Python: every list column is handled through its Arrow
-offsets and flattened values with numpy (gathers on index matrices, per-row segment sums,
-one ``lexsort`` for the rows whose histories are stored in no time order).
+offsets and flattened values with numpy (gathers on index matrices, per-row segment sums and
+binary searches, one ``lexsort`` for the rows whose histories are stored in no time order).
 
-Batch dict (B rows; F_d side features and L_d kept events in domain d):
+Batch dict (B rows; F_d side features in domain d; L_d = the longest kept history among the
+batch's rows, at least 1 and at most ``max_len``; every tensor is contiguous):
 
 =====================================  ========  ===============================================
 key                                    dtype     shape
 =====================================  ========  ===============================================
-user_int_feats / item_int_feats        int64     [B, layout.user_int_dim / item_int_dim]
+user_int_feats / item_int_feats        int32     [B, layout.user_int_dim / item_int_dim]
 user_dense_feats / item_dense_feats    float32   [B, layout.user_dense_dim / item_dense_dim]
 label                                  float32   [B] (1.0 iff label_type == 2)
-timestamp, hour, dayofweek, user_id    int64     [B]
-{d}                                    int64     [B, F_d, L_d] (position 0 = newest event)
-{d}_len                                int64     [B]
-{d}_time_bucket, {d}_hour,             int64     [B, L_d] (0 = padding)
+timestamp, user_id                     int64     [B]
+hour, dayofweek                        int32     [B]
+{d}                                    int32     [B, F_d, L_d] (position 0 = newest event)
+{d}_len                                int64     [B] kept events (<= L_d)
+{d}_time_bucket, {d}_hour,             int32     [B, L_d] (0 = padding)
 {d}_dayofweek
 data_stats                             int64     [len(stat_names(layout))] repair counts
 =====================================  ========  ===============================================
+
+Every id, bucket, hour and day of week is an embedding index, int32 (``ID_DTYPE``), which
+``nn.Embedding`` and ``F.embedding_bag`` take as they are, forward and backward, dense or
+sparse: half the bytes of int64 to convert, shuffle and copy to the device (vocabularies must
+fit, ``BatchConverter`` checks). Histories are trimmed per batch: a column beyond every row's
+history is padding only, so L_d varies from batch to batch (the model must not assume
+``max_len``). The conversion gathers only the columns its chunk of rows needs; the shuffle
+buffer keeps ``max_len`` columns and each drawn batch copies only its L_d.
 
 Fixes relative to the reference
 -------------------------------
@@ -117,6 +127,9 @@ MIN_CHUNK_ROWS = 512
 # taken as they are by nn.Embedding / F.embedding_bag (forward and backward, dense or sparse).
 ID_DTYPE = np.int32
 ID_MAX = int(np.iinfo(ID_DTYPE).max)
+# _RELEASE: every reference to a record batch is dropped before the next one is decoded, so
+# Arrow's allocator reuses its memory at once; held during the conversion, it would be
+# returned to the OS meanwhile and faulted in afresh (~15% of the reading time).
 _PAD = np.int64(1 << 40)  # event index of a padding position: never below a list length
 _WINDOWS = np.asarray(ACTIVITY_WINDOWS_S, dtype=np.int64)
 
@@ -612,7 +625,7 @@ def _sorted_window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray,
         lo = np.where(active & before, mid + 1, lo)
         hi = np.where(active & ~before, mid, hi)
     inside = (lo[:, :1] - lo[:, 1:]) * np.where(descending, -1, 1)[:, None]
-    return np.maximum(inside, 0)  # empty when ts_row < 1
+    return np.maximum(inside, 0)  # a window starting after ts_row - 1 (ts_row < 2) is empty
 
 
 def _activity_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray,
@@ -850,7 +863,7 @@ class BatchConverter:
                 continue
             _take(r.values, *where(r), np.int64, out=ids)
             np.clip(ids, 0, s.vocab_size, out=dst)  # ids <= 0 -> 0, OOV -> vocab
-            if dst.max() == s.vocab_size:  # count only when there is one
+            if dst.size and dst.max() == s.vocab_size:  # count only when there is one
                 stats[self._stat[f"oov/{s.column}"]] += np.count_nonzero(dst == s.vocab_size)
 
         if ts_col is None:  # no timestamps: no time bucket, hour or day of week
@@ -964,11 +977,16 @@ class PCVRDataset(IterableDataset):
             rng = np.random.default_rng([self.seed, self.epoch, shard])
             batches = self._shuffled(units, rng)
         else:
-            batches = (b for rb in self._record_batches(units)
-                       for b in _split(self.converter(rb), self.batch_size,
-                                       self.converter.histories))
+            batches = self._plain(units)
         for batch in batches:
             yield {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def _plain(self, units: Sequence[RowGroupSlice]) -> Iterator[Dict[str, np.ndarray]]:
+        """Batches in stored order (views of each converted chunk, histories trimmed)."""
+        for rb in self._record_batches(units):
+            chunk = self.converter(rb)
+            del rb  # see _RELEASE
+            yield from _split(chunk, self.batch_size, self.converter.histories)
 
     def _shuffled(self, units: Sequence[RowGroupSlice], rng: np.random.Generator
                   ) -> Iterator[Dict[str, np.ndarray]]:
@@ -998,6 +1016,7 @@ class PCVRDataset(IterableDataset):
                     held, rb = held + n, rb.slice(n)
                     while held > cap:
                         held = yield from _draw(pool, slots, held, B, rng, histories)
+                del rb  # see _RELEASE
             while held:
                 held = yield from _draw(pool, slots, held, min(B, held), rng, histories)
         finally:
@@ -1018,6 +1037,7 @@ class PCVRDataset(IterableDataset):
                     row += rb.num_rows
                     if hi > lo:
                         yield rb if (lo, hi) == (0, rb.num_rows) else rb.slice(lo, hi - lo)
+                    del rb  # see _RELEASE
                     if row >= u.stop:
                         break
             except (OSError, pa.ArrowException) as exc:

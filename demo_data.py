@@ -13,8 +13,8 @@ Command line (every option has a keyword twin in ``generate``)::
     --seed S            seed of the whole world and of both splits (default 2026)
     --vocab_cap V       cap every vocab at V so that a CPU can train (default 20000;
                         0 = the online schema's real sizes)
-    --seq_len_scale X   history length scale; 1.0 = competition-like lengths (default 0.05,
-                        which keeps most histories under ~200 events)
+    --seq_len_scale X   history length scale; 1.0 = competition-like lengths (default 0.04:
+                        histories of ~12 to ~100 events, at most 160)
     --event_order O     storage order of the events inside each history list:
                         newest_first | oldest_first | unordered (default oldest_first, the
                         append order of an event log; the real order is undocumented)
@@ -29,8 +29,9 @@ Outputs (DIR/eval/ holds the same three things for the held-out split)::
     DIR/schema.json           the layout, vocab sizes after the cap (timestamp fids: vocab 0)
     DIR/part-00000.parquet..  rows sorted by request time, files and row groups in time order
     DIR/truth.npz             sidecar, never matched by '*.parquet': user_id, p_true, label,
-                              logit_<effect> (each effect's contribution to the logit), and
-                              the ids that encode each latent category per linked column
+                              logit_<effect> (each effect's contribution to the logit, noise
+                              included), and category_<column> / type_<column>: the id of
+                              every latent category / item type in the columns effects link
 
 Columns: ``user_id`` (int64, unique per row and across splits, so that predictions keyed by
 user_id are unambiguous), ``item_id``, ``label_type`` (int32: 2 converted = positive, 1 clicked
@@ -42,43 +43,52 @@ lists of the same fid; 89-91 ten floats aligned with int 89-91), 14 ``item_int_f
 a tag list) and 45 ``domain_{a,b,c,d}_seq_*`` lists (every list of one domain has the same
 length in a row; one column per domain is the event timestamp).
 
-The world (fixed by --seed, shared by both splits): 20,000 persons and 8,000 items. An item has
+The world (fixed by --seed, shared by both splits): 50,000 persons and 8,000 items. An item has
 a category (24, item fid 5), sub-category (96, fid 6), leaf (384, fids 7 and 12), author (fid 8),
 type (8, fid 13) and a 4-d latent vector = its category's vector + small noise. A person has a
-segment (user fid 1), age (48), gender (49), region (82), a 4-d taste vector (visible through
-the dense embeddings 61 and 87 and through the categories of the history), an activity level,
-and engagement lists 62-66 whose ids stand for item types (62), categories (63), generic
-entities (64), sub-categories (65) and leaves (66), each paired with an engagement value
-(lognormal, hundreds to ~1e7), sorted by value. Every row draws a person, an "intent" category
+segment (user fid 1), age (48), gender (49), a 4-d taste vector (visible through the dense
+embeddings 61 and 87 and through the categories of its histories), an activity level, and
+engagement lists 62-66 whose ids stand for item types (62), categories (63), generic entities
+(64), sub-categories (65) and leaves (66), each id paired with a lognormal engagement value
+(median ~150, tail to ~1e7) and sorted by it. Every row draws a person, an "intent" category
 from the person's taste, a target item (40 % from the intent category, else by popularity)
 and, per domain, a history whose length is exponential-like (means at scale 1.0: a/b ~300,
-c ~510 (p95 ~1,400), d ~2,450 (p95 ~4,000), capped at 4,000 x scale); about a fifth of the
-events fall in the last five days and lean towards the intent category. Rows of one person
-share its user features but draw their histories independently. Each domain side column is
-the event's category, an item id, an attribute of that item, or a per-event enum (action
-type); ids repeat within a history as in the real data.
+c ~520 (p95 ~1,650), d ~2,400 (p95 4,000), capped at 4,000 x scale; at the default 0.04
+a/b ~12, c ~20, d ~100, capped at 160); about a fifth of the events fall in the last five days
+and lean towards the intent category. Rows of one person share its user features but draw
+their histories independently. A domain's side columns are the event's category, an item id,
+attributes of that item, or per-event enums (action types); item ids repeat within a history
+(at scale 1.0 about 18 % of a's events repeat an earlier item, 82 % of b's, 90 % of c's and
+98 % of d's; real: 25 / 95 / 98 / 99 %).
 
-Planted effects: logit = intercept + scale * (sum of standardised effects + noise). Each
-effect is z-scored on a calibration batch, weighted by the square root of its target share,
-and the sum is rescaled so that the oracle AUC is 0.83 and the positive rate 0.096 (the
-platform's 0.0959). "Share" is Cov(effect, explainable logit) / Var(explainable logit), which
-sums to 1 over the effects; "measured" is on the default training split (seed 2026).
+Planted effects: logit = intercept + scale * (sum of weighted standardised effects + noise).
+Each effect is z-scored on a calibration batch; the weights make every effect's share hit its
+target (the effects that share the taste vector are correlated); scale and intercept give an
+expected oracle AUC of 0.83 and a positive rate of 0.096 (the platform's 0.0959). "Share" is
+Cov(effect, explainable logit) / Var(explainable logit), which sums to 1 over the effects.
 
-| effect | what raises p | aimed at | share (target / measured) |
-|---|---|---|---|
-| base | item category / sub-category / type, user segment, age, gender main effects | plain NS tokens | 0.18 / 0.18 |
-| abs_time | request at 18-24 h local (UTC+8) and at weekends | --use_abs_time_emb, --time_zone_offset_hours 8 | 0.17 / 0.17 |
-| activity | log1p of events in the last 1, 3, 5 days and of the full history length, all domains | --use_user_activity_dense (fids 900-915) | 0.08 / 0.09 |
-| pair_62_66 | engagement value the user's 62 / 63 / 65 lists pair with the target's type / category / sub-category (presence alone carries nothing) | --use_pair_62_66 | 0.20 / 0.19 |
-| seq_affinity | recency-weighted share of history events in the target's category (weight exp(-age / 2 days)) | sequence encoders, target attention | 0.14 / 0.14 |
-| user_x_item | table of user segment (fid 1) x item category (fid 5), plus region (82) x type (13) | NS tokenizers, RankMixer | 0.10 / 0.10 |
-| dense_dot | user taste (seen through dense 61 / 87) . item latent (category-level) | user dense token x item tokens | 0.13 / 0.13 |
+    effect        share  what raises p                                   aimed at
+    base          0.20   main effects: item category, sub-category and   plain NS tokens
+                         type; user segment, age (peak ~32), gender
+    abs_time      0.22   request in the local (UTC+8) evening,           --use_abs_time_emb,
+                         cos(2 pi (hour - 21) / 24), and at weekends     --time_zone_offset_hours 8
+    activity      0.10   log1p of the events of the last 1, 3 and 5      --use_user_activity_dense
+                         days and of the history length, all domains     (fids 900-915)
+    pair_62_66    0.15   sqrt(log1p(value)) that the user's fid 62 list  --use_pair_62_66
+                         pairs with the target's item type (fid 13);
+                         0 when the type is absent (~56 % of rows)
+    seq_affinity  0.15   share of the history (all domains) in the       sequence encoders,
+                         target's category; last-5-day events count x3  target attention
+    user_x_item   0.08   table: user segment (fid 1) x item category     NS tokenizers, RankMixer
+                         group (fid 5, 4 groups)
+    dense_dot     0.10   user taste (seen through dense 61 / 87) . item  user dense token x
+                         latent vector (category-level)                  item tokens
 
-Unobservable row noise adds 6 % of the total logit variance. abs_time and pair_62_66 together
-carry ~36 % of the explainable variance, so the baseline configuration (no absolute time, no
+Unobservable row noise adds 4 % of the total logit variance. abs_time and pair_62_66 together
+carry 37 % of the explainable variance, so the baseline configuration (no absolute time, no
 pairing, no activity features) is measurably worse than the seed configuration. All effects
-are category- or segment-level (no per-item-id effect) so that a model can learn them from a
-few tens of thousands of rows.
+act at category, type or segment level (no per-item-id effect) so that a model can learn them
+from a few tens of thousands of rows. ``generate`` reports the measured shares per split.
 
 Missing values: nulls and -1 codes in user scalars (101/102/103 about 90 % null), item 83/84/85
 about 88 % null, item 11 about 50 % null, a few null lists and embeddings. Out of vocabulary:
@@ -96,7 +106,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -162,6 +172,8 @@ DAY_S = 86400
 TRAIN_END = 1772640000          # 2026-03-05 00:00 UTC+8, a Thursday
 TRAIN_DAYS = 14
 EVAL_DAYS = 3
+# First user_id of each split: ids stay unique across splits up to 80 M training rows.
+TRAIN_USER_ID0, EVAL_USER_ID0 = 10_000_000, 90_000_000
 # Relative traffic per local hour: quiet nights, a lunch bump and an evening peak.
 TRAFFIC_BY_HOUR = np.array([
     2.0, 1.2, 0.7, 0.5, 0.4, 0.5, 1.0, 2.0, 3.0, 3.5, 3.8, 4.2,
@@ -185,11 +197,13 @@ TASTE_TABLE = 64                # quantile table per person for fast category dr
 INTENT_TARGET_RATE = 0.4        # targets drawn from the row's intent category
 INTENT_EVENT_RATE = 0.6         # recent events in the intent category
 
-# Histories: per domain (raw mean length at scale 1.0, personal item slots per category: fewer
-# slots = more repeated items). Unknown domains of a custom schema get SEQ_DEFAULT_PROFILE.
-SEQ_PROFILES = {"seq_a": (300.0, 400), "seq_b": (300.0, 30), "seq_c": (500.0, 15),
-                "seq_d": (3500.0, 8)}
-SEQ_DEFAULT_PROFILE = (300.0, 50)
+# Histories: per domain (raw mean length at scale 1.0, personal item slots per category,
+# share of events on the domain's popular items). Few slots and few popular events make the
+# heavy repeats of the real data (repeat rates a 0.25, b 0.95, c 0.98, d 0.99). Unknown
+# domains of a custom schema get SEQ_DEFAULT_PROFILE.
+SEQ_PROFILES = {"seq_a": (300.0, 400, 0.5), "seq_b": (300.0, 4, 0.05),
+                "seq_c": (500.0, 3, 0.03), "seq_d": (3500.0, 2, 0.01)}
+SEQ_DEFAULT_PROFILE = (300.0, 50, 0.3)
 SEQ_LEN_CAP = 4000              # at scale 1.0
 SEQ_ITEMS_PER_CATEGORY = 2000   # item universe of a domain = categories x this
 RECENT_WINDOW_S = 5 * DAY_S
@@ -218,19 +232,18 @@ EFFECTS: Tuple[Effect, ...] = (
     Effect("activity", "--use_user_activity_dense (fids 900-915)", 0.10),
     Effect("pair_62_66", "--use_pair_62_66", 0.15),
     Effect("seq_affinity", "sequence encoders / target attention", 0.15),
-    Effect("user_x_item", "NS tokenizers / RankMixer (user 1 x item 5, user 82 x item 13)",
-           0.08),
+    Effect("user_x_item", "NS tokenizers / RankMixer (user 1 x item 5 group)", 0.08),
     Effect("dense_dot", "user dense token (61, 87) x item tokens", 0.10),
 )
 NOISE_SHARE = 0.04              # of the total logit variance, unobservable
 TARGET_POS_RATE = 0.096
 TARGET_ORACLE_AUC = 0.83
-PAIR_WEIGHTS = {62: 0.7, 63: 0.3}   # pair_62_66 effect mix over the linked fids
+PAIR_WEIGHTS = {62: 1.0}           # pair_62_66 effect mix over the linked fids
 PAIR_LOG_MEAN, PAIR_LOG_TASTE, PAIR_LOG_NOISE = 5.0, 0.8, 3.5
 
 # Fids the planted effects need; a custom --schema must keep them.
-REQUIRED_USER_INT = (1, 48, 49, 62, 63)
-REQUIRED_USER_DENSE = (61, 62, 63, 87)
+REQUIRED_USER_INT = (1, 48, 49, 62)
+REQUIRED_USER_DENSE = (61, 62, 87)
 REQUIRED_ITEM_INT = (5, 6, 13)
 
 
@@ -337,16 +350,6 @@ class Layout:
     item_int: Tuple[Tuple[int, int, int, int], ...]
     user_dense: Tuple[Tuple[int, int], ...]            # (fid, dim)
     seq: Tuple[SeqLayout, ...]                         # sorted by domain name
-
-    def user_int_dim(self, fid: int) -> Tuple[int, int]:
-        """(vocab after the cap, dim) of a user int fid."""
-        return next((v, d) for f, _, v, d in self.user_int if f == fid)
-
-    def item_int_dim(self, fid: int) -> Tuple[int, int]:
-        return next((v, d) for f, _, v, d in self.item_int if f == fid)
-
-    def dense_dim(self, fid: int) -> int:
-        return next(d for f, d in self.user_dense if f == fid)
 
     def schema_json(self) -> Dict[str, Any]:
         """The schema.json written next to the data (vocab sizes after the cap)."""
@@ -484,7 +487,6 @@ class _Persons:
     segment: np.ndarray
     age: np.ndarray
     gender: np.ndarray
-    taste: np.ndarray               # (P, N_CATEGORIES) category logits
     taste_table: np.ndarray         # (P, TASTE_TABLE) category quantiles
     activity: np.ndarray
     visit_cum: np.ndarray
@@ -503,6 +505,7 @@ class _Domain:
     mean_len: float                 # after --seq_len_scale
     cap: int
     slots: int
+    popular_rate: float
     item_fid: int
     cat_fid: int
     cat_map: _IdMap
@@ -667,7 +670,7 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
         65: sub_taste + 0.7 * rng.standard_normal(sub_taste.shape, dtype=f32),
         66: sub_taste + 0.7 * rng.standard_normal(sub_taste.shape, dtype=f32),
     }
-    entity_mean_len = {62: 3.0, 63: 4.0, 64: 6.0, 65: 12.0, 66: 16.0}
+    entity_mean_len = {62: 4.0, 63: 4.0, 64: 6.0, 65: 12.0, 66: 16.0}
     dense_fids = {f for f, _ in layout.user_dense}
     latent_of = {1: segment, 48: age, 49: gender}
     for fid, _, vocab, dim in layout.user_int:
@@ -736,13 +739,13 @@ def _build_persons(rng: np.random.Generator, layout: Layout, cat_z: np.ndarray,
             proj[noise_rows] = 0.025 * rng.standard_normal((EMBED_NOISE_DIM, dim))
             low, high = -1.0, 1.0
         embeddings[fid] = _Embedding(proj, low, high, _null_mask(rng, n, 0.005))
-    return _Persons(segment, age, gender, taste, taste_table, activity, visit_cum, latent,
+    return _Persons(segment, age, gender, taste_table, activity, visit_cum, latent,
                     pair_w, scalars, lists, inputs, embeddings)
 
 
 def _build_domain(rng: np.random.Generator, seq: SeqLayout, seq_len_scale: float) -> _Domain:
     """Assigns column roles by vocab size and draws the attributes of the domain's items."""
-    mean_len, slots = SEQ_PROFILES.get(seq.name, SEQ_DEFAULT_PROFILE)
+    mean_len, slots, popular_rate = SEQ_PROFILES.get(seq.name, SEQ_DEFAULT_PROFILE)
     side = [(f, declared, vocab) for f, declared, vocab in seq.features if f != seq.ts_fid]
     item_fid = max(side, key=lambda e: e[1])[0]
     rest = [e for e in side if e[0] != item_fid]
@@ -750,13 +753,13 @@ def _build_domain(rng: np.random.Generator, seq: SeqLayout, seq_len_scale: float
     cat_fid = (min(wide, key=lambda e: e[1]) if wide
                else max(rest or side, key=lambda e: e[1]))[0]
     universe = N_CATEGORIES * SEQ_ITEMS_PER_CATEGORY
+    cat_map = _IdMap.make(rng, next(v for f, _, v in side if f == cat_fid))
     enums: Dict[int, np.ndarray] = {}
     attrs: Dict[int, np.ndarray] = {}
-    cat_map = _IdMap.make(rng, 2)
     for fid, declared, vocab in side:
         if fid == cat_fid:
-            cat_map = _IdMap.make(rng, vocab)
-        elif fid == item_fid:
+            continue
+        if fid == item_fid:
             attrs[fid] = _IdMap.make(rng, vocab)(rng.permutation(universe))
         elif declared <= ENUM_MAX_VOCAB:
             m = max(vocab - 1, 1)
@@ -764,10 +767,10 @@ def _build_domain(rng: np.random.Generator, seq: SeqLayout, seq_len_scale: float
         else:
             attrs[fid] = _id_scalar(rng, vocab, universe)
     return _Domain(seq, mean_len * seq_len_scale, max(1, round(SEQ_LEN_CAP * seq_len_scale)),
-                   slots, item_fid, cat_fid, cat_map, enums, attrs)
+                   slots, popular_rate, item_fid, cat_fid, cat_map, enums, attrs)
 
 
-def build_world(seed: int = DEFAULT_SEED, layout: Optional[Layout] = None,
+def _build_world(seed: int = DEFAULT_SEED, layout: Optional[Layout] = None,
                 seq_len_scale: float = DEFAULT_SEQ_LEN_SCALE) -> _World:
     """The generative world of ``seed``: items, persons, domains, effect tables, calibration."""
     if seq_len_scale <= 0:
@@ -799,6 +802,7 @@ def build_world(seed: int = DEFAULT_SEED, layout: Optional[Layout] = None,
 
 @dataclass
 class _Rows:
+    """Per row: request time, person, intent category and target item (latent indices)."""
     ts: np.ndarray
     person: np.ndarray
     intent: np.ndarray
@@ -906,7 +910,7 @@ def _raw_effects(world: _World, rows: _Rows, hists: List[_History]) -> Dict[str,
     seq_affinity = matched / (weighted + 1.0)
 
     pair = np.zeros(n)
-    pair_entity = {62: itype, 63: cat}
+    pair_entity = {62: itype}
     for fid, weight in PAIR_WEIGHTS.items():
         pair += weight * ps.pair_w[fid][person, pair_entity[fid]]
 
@@ -1060,14 +1064,14 @@ def _seq_columns(world: _World, rng: np.random.Generator, hists: List[_History],
     for dom, h in zip(world.domains, hists):
         perm = _event_order(rng, h, event_order)
         row, ts, cat = h.row[perm], h.ts[perm], h.cat[perm]
-        # Which item of the event's category: half popular items of the domain, half the
-        # row's own few favourites (the repeats seen in real histories).
+        # Which item of the event's category: one of the domain's popular items, or one of
+        # the row's few favourites in that category (the repeats seen in real histories).
         m = SEQ_ITEMS_PER_CATEGORY
         salt = rng.integers(0, m, n)
         popular = _power_index(rng, m, row.size, 4.0)
         personal = (salt[row] + _power_index(rng, dom.slots, row.size, 2.0)) % m
-        universe_item = cat + N_CATEGORIES * np.where(rng.random(row.size) < 0.5, popular,
-                                                      personal)
+        slot = np.where(rng.random(row.size) < dom.popular_rate, popular, personal)
+        universe_item = cat + N_CATEGORIES * slot
         for fid, _, vocab in dom.layout.features:
             if fid == dom.layout.ts_fid:
                 values = ts
@@ -1138,9 +1142,27 @@ def _variance_shares(truth: Mapping[str, np.ndarray]) -> Dict[str, float]:
     return shares
 
 
+def _explainable_logit(truth: Mapping[str, np.ndarray]) -> np.ndarray:
+    return sum(truth[f"logit_{e.name}"].astype(np.float64) for e in EFFECTS)
+
+
+def _links(world: _World) -> Dict[str, np.ndarray]:
+    """The id that encodes each latent category / item type (array index) in every column
+    that an effect links, e.g. ``category_item_int_5`` and ``category_domain_a_seq_42``."""
+    cats, types = np.arange(N_CATEGORIES), np.arange(N_ITEM_TYPES)
+    links = {"category_item_int_5": world.maps["item_5"](cats),
+             "category_user_int_63": world.maps["user_63"](cats),
+             "type_item_int_13": world.maps["item_13"](types),
+             "type_user_int_62": world.maps["user_62"](types)}
+    for dom in world.domains:
+        links[f"category_{dom.layout.prefix}_{dom.cat_fid}"] = dom.cat_map(cats)
+    return links
+
+
 def _write_split(world: _World, out_dir: str, split: str, rows: int, start: int, days: int,
                  user_id0: int, files: int, rows_per_group: int,
                  event_order: str) -> Dict[str, Any]:
+    """Writes one split (schema, parquet files, truth sidecar) and returns its summary."""
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     _clear_split(out_dir)
@@ -1180,23 +1202,6 @@ def _write_split(world: _World, out_dir: str, split: str, rows: int, start: int,
     return summary
 
 
-def _explainable_logit(truth: Mapping[str, np.ndarray]) -> np.ndarray:
-    return sum(truth[f"logit_{e.name}"].astype(np.float64) for e in EFFECTS)
-
-
-def _links(world: _World) -> Dict[str, np.ndarray]:
-    """The id that encodes each latent category / item type (array index) in every column
-    that an effect links, e.g. ``category_item_int_5`` and ``category_domain_a_seq_42``."""
-    cats, types = np.arange(N_CATEGORIES), np.arange(N_ITEM_TYPES)
-    links = {"category_item_int_5": world.maps["item_5"](cats),
-             "category_user_int_63": world.maps["user_63"](cats),
-             "type_item_int_13": world.maps["item_13"](types),
-             "type_user_int_62": world.maps["user_62"](types)}
-    for dom in world.domains:
-        links[f"category_{dom.layout.prefix}_{dom.cat_fid}"] = dom.cat_map(cats)
-    return links
-
-
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -1217,17 +1222,17 @@ def generate(out_dir: str, rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED, *
     if event_order not in EVENT_ORDERS:
         raise ValueError(f"event_order must be one of {EVENT_ORDERS}, got {event_order!r}")
     t0 = time.perf_counter()
-    world = build_world(seed, load_layout(schema, vocab_cap), seq_len_scale)
+    world = _build_world(seed, load_layout(schema, vocab_cap), seq_len_scale)
     if rows_per_group == 0:
         auto = LIST_VALUES_PER_GROUP / max(world.calib.list_values_per_row, 1.0)
         rows_per_group = int(np.clip(auto // 64 * 64, 256, 4096))
     common = dict(files=files, rows_per_group=rows_per_group, event_order=event_order)
     splits = [_write_split(world, out_dir, "train", rows, TRAIN_END - TRAIN_DAYS * DAY_S,
-                           TRAIN_DAYS, 10_000_000, **common)]
+                           TRAIN_DAYS, TRAIN_USER_ID0, **common)]
     eval_dir = os.path.join(out_dir, EVAL_SUBDIR)
     if eval_rows > 0:
         splits.append(_write_split(world, eval_dir, "eval", eval_rows, TRAIN_END, EVAL_DAYS,
-                                   90_000_000, **common))
+                                   EVAL_USER_ID0, **common))
     elif os.path.isdir(eval_dir):
         _clear_split(eval_dir)
     summary = {

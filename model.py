@@ -581,8 +581,13 @@ class PCVRHyFormer(nn.Module):
         """Training forward (input emb-dropout on in train mode) -> ``ModelOutput``."""
         return self._forward_impl(batch, input_dropout=True)
 
+    @torch.no_grad()
     def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits ``[B, action_num]`` without the input emb-dropout (callers use eval mode)."""
+        """Logits ``[B, action_num]`` without the input emb-dropout (callers use eval mode).
+
+        Inference only: runs under ``no_grad`` (recording a graph made float32 inference of a
+        256-row batch ~1.1-2.5x slower and kept every activation alive).
+        """
         return self._forward_impl(batch, input_dropout=False).logits
 
     # ------------------------------------------------------------------ parameter groups

@@ -66,6 +66,29 @@ class _DropPositions(torch.autograd.Function):
         return grad, None, None
 
 
+class _AddDroppedPositions(torch.autograd.Function):
+    """``x + scale * y`` with ``y``'s flat positions ``index`` dropped (same shapes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.add(x, y.contiguous(), alpha=scale)
+        out.view(-1)[index] = x.view(-1)[index].to(out.dtype)
+        ctx.save_for_backward(index)
+        ctx.scale, ctx.x_dtype, ctx.y_dtype = scale, x.dtype, y.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_y = torch.empty_like(grad, dtype=ctx.y_dtype)
+        torch.mul(grad, ctx.scale, out=grad_y)  # scale and cast in one pass
+        grad_y.view(-1).index_fill_(0, index, 0.0)
+        return grad.to(ctx.x_dtype), grad_y, None, None
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU training path draws only the dropped positions (same law).
 
@@ -76,25 +99,53 @@ class Dropout(nn.Dropout):
     independently with probability exactly ``p``, as in ``F.dropout``; kept ones are scaled
     by ``1 / (1 - p)``. Only the ``~p n`` drawn indices are saved for backward. Other devices
     use ``F.dropout`` (``K`` is needed on the host, a sync on CUDA), as do ``p = 1`` and
-    ``inplace``.
+    ``inplace``. ``residual(x, y)`` is ``x + self(y)`` in one pass.
 
     Shape: any -> the same.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training or self.p == 0.0 or self.p >= 1.0 or self.inplace
-                or x.device.type != "cpu"):
-            return super().forward(x)
-        n = x.numel()
+    def fast_path(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` takes the position-drawing path (CPU training, ``0 < p < 1``)."""
+        return (self.training and 0.0 < self.p < 1.0 and not self.inplace
+                and x.device.type == "cpu")
+
+    def draw(self, n: int) -> torch.Tensor:
+        """Flat positions to drop out of ``n`` (int64, may repeat; see the class docstring)."""
         lam = torch.tensor(-n * math.log1p(-self.p), dtype=torch.float64)
-        index = torch.randint(n, (int(torch.poisson(lam).item()),))
-        return _DropPositions.apply(x, index, 1.0 / (1.0 - self.p))
+        return torch.randint(n, (int(torch.poisson(lam).item()),))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast_path(x):
+            return super().forward(x)
+        return _DropPositions.apply(x, self.draw(x.numel()), 1.0 / (1.0 - self.p))
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x + self(y)``; fused on the fast path (saves two passes over ``y``)."""
+        if not self.fast_path(y) or x.shape != y.shape:
+            return x + self(y)
+        return _AddDroppedPositions.apply(x, y, self.draw(y.numel()), 1.0 / (1.0 - self.p))
 
 
-def feed_forward(d_model: int, hidden: int, dropout: float) -> nn.Sequential:
-    """``Lin(D -> hidden) -> GELU -> Dropout -> Lin(hidden -> D)``, ``[*, D] -> [*, D]``."""
-    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), Dropout(dropout),
+class FeedForward(nn.Sequential):
+    """``Lin(D -> hidden) -> GELU -> Dropout -> Lin(hidden -> D)``, ``[*, D] -> [*, D]``.
+
+    A plain ``nn.Sequential`` of those four (parameter names ``0.*``, ``3.*``), except that on
+    the dropout's fast path the dropped positions of the GELU output are zeroed in place (GELU's
+    backward reads only its input) and the ``1 / (1 - p)`` scale is folded into the second
+    weight: the same function without a pass over the ``hidden``-wide activation.
+    """
+
+    def __init__(self, d_model: int, hidden: int, dropout: float):
+        super().__init__(nn.Linear(d_model, hidden), nn.GELU(), Dropout(dropout),
                          nn.Linear(hidden, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, act, drop, down = self
+        h = act(up(x))
+        if not drop.fast_path(h):
+            return down(drop(h))
+        h.view(-1).index_fill_(0, drop.draw(h.numel()), 0.0)
+        return F.linear(h, down.weight / (1.0 - drop.p), down.bias)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -120,6 +171,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # score, ~6 us per token, ~1.5 ms of per-call overhead per bucket and block (tokenizer included).
 BUCKET_LINEAR = 660.0
 BUCKET_OVERHEAD = 2e5
+# oneDNN compiles (and caches, LRU) a kernel per matmul shape, ~1 ms per new shape, so bucket
+# shapes come from a small set: row counts are multiples of ROW_QUANTUM (but the last bucket's)
+# and lengths multiples of LEN_QUANTUM (or L). Measured: free bucket shapes cost ~0.3 s/step.
+ROW_QUANTUM = 8
+LEN_QUANTUM = 32
 
 
 class RowBuckets:
@@ -127,12 +183,12 @@ class RowBuckets:
 
     Sequences are left-aligned and every reader masks padded positions, so a row's outputs at
     its valid positions depend only on its positions ``0 .. len-1``. A group of rows can thus
-    run on the prefix ``0 .. L_j - 1`` (``L_j`` = its longest row, at least ``min_len``) with
-    the same valid-position results, for ~``(L_j / L)^2`` of the attention and ``L_j / L`` of
-    the token-wise work; positions past ``L_j`` (padding of every row of the group) are never
-    computed. Rows are sorted by length and cut into at most ``max_buckets`` runs by a small
-    DP over the cost model above, so a cut is made only where trimming saves more than a
-    bucket's per-call overhead.
+    run on a prefix ``0 .. L_j - 1`` covering its longest row (at least ``min_len``) with the
+    same valid-position results, for ~``(L_j / L)^2`` of the attention and ``L_j / L`` of the
+    token-wise work; positions past ``L_j`` (padding of every row of the group) are never
+    computed. Rows are sorted by length and cut into at most ``max_buckets`` runs by a small DP
+    over the cost model above, so a cut is made only where trimming saves more than a bucket's
+    per-call overhead; bucket shapes are quantised (``ROW_QUANTUM``, ``LEN_QUANTUM``).
 
     Planning reads the lengths on the host, which is free for CPU tensors. Lengths on another
     device (CUDA) give one bucket of all rows, in batch order, at the full length: no sync.
@@ -151,52 +207,50 @@ class RowBuckets:
 
     def __init__(self, lens: torch.Tensor, max_len: int, max_buckets: int = 1,
                  min_len: int = 1):
-        min_len = max(1, min(min_len, max_len))
         batch = lens.shape[0]
         self.order: Optional[torch.Tensor] = None
         self.inverse: Optional[torch.Tensor] = None
         if lens.device.type != "cpu" or batch == 0:
             self.bounds = [(0, batch, max_len)]
             return
-        clamped = lens.clamp(min_len, max_len)
-        if max_buckets <= 1:
-            self.bounds = [(0, batch, int(clamped.max()))]
-            return
-        sorted_lens, self.order = torch.sort(clamped, stable=True)
-        self.inverse = torch.argsort(self.order)
-        ends = self._plan(sorted_lens.double(), max_buckets)
-        longest = sorted_lens.tolist()
-        self.bounds = [(start, end, longest[end - 1])
-                       for start, end in zip([0] + ends[:-1], ends)]
+        sorted_lens, order = torch.sort(lens.clamp(max(1, min_len), max_len), stable=True)
+        # Candidate bucket ends, and the (quantised) length of a bucket ending there.
+        ends = torch.tensor(list(range(ROW_QUANTUM, batch, ROW_QUANTUM)) + [batch])
+        longest = sorted_lens[ends - 1]
+        lengths = ((longest + LEN_QUANTUM - 1) // LEN_QUANTUM * LEN_QUANTUM).clamp_max(max_len)
+        cuts = self._plan(ends.double(), lengths.double(), max_buckets)
+        ends_list, lengths_list = ends.tolist(), lengths.tolist()
+        starts = [0] + [ends_list[c] for c in cuts[:-1]]
+        self.bounds = [(start, ends_list[c], lengths_list[c]) for start, c in zip(starts, cuts)]
+        if len(self.bounds) > 1:
+            self.order, self.inverse = order, torch.argsort(order)
 
     @staticmethod
-    def _plan(lens: torch.Tensor, max_buckets: int) -> List[int]:
-        """Exclusive end rows of the cheapest split of sorted ``lens`` into <= max_buckets runs.
+    def _plan(ends: torch.Tensor, lengths: torch.Tensor, max_buckets: int) -> List[int]:
+        """Indices into ``ends`` to cut at: the cheapest split into <= ``max_buckets`` runs.
 
-        ``best[j][e]``: cheapest cost of rows ``0 .. e-1`` in ``j`` runs; a run of rows
-        ``a .. e-1`` costs ``(e - a) * f(lens[e-1]) + BUCKET_OVERHEAD`` (lens sorted).
+        ``ends`` ``[m]``: candidate exclusive end rows (increasing, the last = B); ``lengths``
+        ``[m]``: the length of a bucket ending there. State ``i`` = rows before candidate
+        ``i`` are covered (0: none); a run from state ``i`` to candidate ``e >= i`` costs
+        ``rows * (len^2 + BUCKET_LINEAR * len) + BUCKET_OVERHEAD`` and leads to state ``e + 1``.
         """
-        n = lens.shape[0]
-        per_row = lens * lens + BUCKET_LINEAR * lens
-        start = torch.arange(n, dtype=lens.dtype)[:, None]  # a
-        end = torch.arange(1, n + 1, dtype=lens.dtype)[None, :]  # e
-        run = torch.where(start < end, (end - start) * per_row[None, :] + BUCKET_OVERHEAD,
-                          torch.tensor(math.inf, dtype=lens.dtype))  # [a, e-1]
-        best = torch.full((n + 1,), math.inf, dtype=lens.dtype)
-        best[0] = 0.0
+        m = ends.shape[0]
+        rows = ends[None, :] - torch.cat([ends.new_zeros(1), ends[:-1]])[:, None]  # [i, e]
+        cost = rows * (lengths * lengths + BUCKET_LINEAR * lengths) + BUCKET_OVERHEAD
+        cost = cost.masked_fill(rows <= 0, math.inf)
+        best = torch.cat([ends.new_zeros(1), ends.new_full((m,), math.inf)])  # per state
         choices, totals = [], []
         for _ in range(max_buckets):
-            cand = best[:n, None] + run
-            value, arg = cand.min(dim=0)
+            value, arg = (best[:m, None] + cost).min(dim=0)
             best = torch.cat([best.new_full((1,), math.inf), value])
             choices.append(arg)
-            totals.append(float(best[n]))
+            totals.append(float(best[m]))
         runs = min(range(max_buckets), key=totals.__getitem__) + 1
-        ends, e = [], n
+        cuts, e = [], m - 1
         for j in range(runs - 1, -1, -1):
-            ends.append(e)
-            e = int(choices[j][e - 1])
-        return ends[::-1]
+            cuts.append(e)
+            e = int(choices[j][e]) - 1
+        return cuts[::-1]
 
     def split(self, x: torch.Tensor, seq_dim: Optional[int] = None) -> List[torch.Tensor]:
         """Per bucket: its rows of ``x`` (dim 0), trimmed to its length along ``seq_dim``."""
@@ -340,13 +394,13 @@ class TransformerEncoder(nn.Module):
         self.attn_norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, rope=rope)
         self.ffn_norm = nn.LayerNorm(d_model)
-        self.ffn = feed_forward(d_model, hidden_mult * d_model, dropout)
+        self.ffn = FeedForward(d_model, hidden_mult * d_model, dropout)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.attn_norm(x)
-        x = x + self.dropout(self.attn(h, None, attention_key_mask(lens, x.shape[1])))
-        return x + self.dropout(self.ffn(self.ffn_norm(x))), lens
+        x = self.dropout.residual(x, self.attn(h, None, attention_key_mask(lens, x.shape[1])))
+        return self.dropout.residual(x, self.ffn(self.ffn_norm(x))), lens
 
 
 class SwiGLUEncoder(nn.Module):
@@ -366,7 +420,7 @@ class SwiGLUEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         a, b = self.up(self.norm(x)).chunk(2, dim=-1)
-        return x + self.dropout(self.down(a * F.silu(b))), lens
+        return self.dropout.residual(x, self.down(a * F.silu(b))), lens
 
 
 class LongerEncoder(nn.Module):
@@ -397,7 +451,7 @@ class LongerEncoder(nn.Module):
         self.norm_kv = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, rope=rope)
         self.ffn_norm = nn.LayerNorm(d_model)
-        self.ffn = feed_forward(d_model, hidden_mult * d_model, dropout)
+        self.ffn = FeedForward(d_model, hidden_mult * d_model, dropout)
         self.dropout = Dropout(dropout)
 
     def _self_mask(self, lens: torch.Tensor, length: int) -> torch.Tensor:
@@ -416,11 +470,11 @@ class LongerEncoder(nn.Module):
             kept = x[:, :self.top_k]
             attn = self.attn(self.norm_q(kept), self.norm_kv(x),
                              attention_key_mask(lens, length))
-            x = kept + self.dropout(attn)
+            x = self.dropout.residual(kept, attn)
         else:
             h = self.norm_q(x)
-            x = x + self.dropout(self.attn(h, None, self._self_mask(lens, length)))
-        return x + self.dropout(self.ffn(self.ffn_norm(x))), lens.clamp_max(self.top_k)
+            x = self.dropout.residual(x, self.attn(h, None, self._self_mask(lens, length)))
+        return self.dropout.residual(x, self.ffn(self.ffn_norm(x))), lens.clamp_max(self.top_k)
 
 
 class CrossAttention(nn.Module):
@@ -443,7 +497,7 @@ class CrossAttention(nn.Module):
     def forward(self, q: torch.Tensor, seq: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         attn = self.attn(self.norm_q(q), self.norm_kv(seq),
                          attention_key_mask(lens, seq.shape[1]), empty=lens == 0)
-        return q + self.dropout(attn)
+        return self.dropout.residual(q, attn)
 
 
 # ----------------------------------------------------------------------------- token mixing
@@ -480,7 +534,7 @@ class RankMixerBlock(nn.Module):
         self.mode = mode
         if mode != "none":
             self.norm = nn.LayerNorm(d_model)
-            self.ffn = feed_forward(d_model, hidden_mult * d_model, dropout)
+            self.ffn = FeedForward(d_model, hidden_mult * d_model, dropout)
             self.post_norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -505,8 +559,7 @@ class NSSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        return x + self.dropout(self.attn(h))
+        return self.dropout.residual(x, self.attn(self.norm(x)))
 
 
 class NSAutoIntLayer(nn.Module):
@@ -533,7 +586,7 @@ class NSAutoIntLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
-        o = self.act(self.dropout(self.attn(h)) + self.res_proj(x))
+        o = self.act(self.dropout.residual(self.res_proj(x), self.attn(h)))
         return x + self.gate * (o - x)
 
 
@@ -548,8 +601,7 @@ class TokenAutoIntLayer(nn.Module):
         self.post_norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        return self.post_norm(x + self.dropout(self.attn(h)))
+        return self.post_norm(self.dropout.residual(x, self.attn(self.norm(x))))
 
 
 class GatedTokenAutoInt(nn.Module):

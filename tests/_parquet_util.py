@@ -100,3 +100,21 @@ def write_dataset(folder: str, tables: Sequence[pa.Table], schema: Dict[str, Any
     with open(os.path.join(folder, "schema.json"), "w", encoding="utf-8") as fh:
         json.dump(schema, fh)
     return paths
+
+
+def varied_table(user_ids: Sequence[int]) -> pa.Table:
+    """Like ``tiny_table``, but row u has ``u % 4`` events per domain, 10 s apart, newest first
+    (the newest 10 s before the request): histories of 0..3 events."""
+    base = tiny_table(user_ids)
+    u = np.asarray(user_ids, dtype=np.int64)
+    v = u % 997 + 1
+    n = (u % 4).tolist()
+    for dom in TINY_SCHEMA["seq"].values():
+        side = [f for f, _ in dom["features"] if f != dom["ts_fid"]][0]
+        ids = pa.array([[x] * k for x, k in zip(v.tolist(), n)], INT_LIST)
+        stamps = pa.array([[T + x - 10 * (j + 1) for j in range(k)]
+                           for x, k in zip(u.tolist(), n)], INT_LIST)
+        for fid, arr in ((side, ids), (dom["ts_fid"], stamps)):
+            name = f"{dom['prefix']}_{fid}"
+            base = base.set_column(base.schema.get_field_index(name), name, arr)
+    return base

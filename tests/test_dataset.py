@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import dataset
 from _parquet_util import (GOLDEN_SCHEMA, GOLDEN_SEQ_MAX_LENS, INT_LIST, T, TINY_SCHEMA,
-                           TINY_SEQ_MAX_LENS, golden_table, tiny_table, write_dataset)
+                           TINY_SEQ_MAX_LENS, golden_table, tiny_table, varied_table,
+                           write_dataset)
 from config import DataConfig, parse_seq_max_lens
 from dataset import (NUM_TIME_BUCKETS, TIME_BUCKET_BOUNDARIES, BatchConverter, DataError,
                      DataStats, PCVRDataset, get_eval_loader, get_pcvr_data, recent_order,
@@ -393,6 +394,33 @@ def test_recent_order_is_a_stable_sort(rows, max_len):
         assert got_row == want + [1 << 40] * (max_len - len(want))
 
 
+@st.composite
+def stamp_rows(draw):
+    """Rows of timestamps around the activity windows' edges, in any of the three orders."""
+    edges = [0, -3, T - 5 * 86400 - 1, T - 5 * 86400, T - 3 * 86400, T - 86401, T - 86400,
+             T - 1, T, T + 9]
+    rows = []
+    for _ in range(draw(st.integers(1, 8))):
+        keys = draw(st.lists(st.sampled_from(edges), max_size=12))
+        order = draw(st.sampled_from(["asc", "desc", "any"]))
+        rows.append(sorted(keys) if order == "asc" else
+                    sorted(keys, reverse=True) if order == "desc" else keys)
+    return rows
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=stamp_rows(), ts_row=st.sampled_from([T, T + 1, 0, 1, 2 * 86400]))
+def test_activity_counts_search_sorted_rows_like_a_scan(rows, ts_row):
+    """Rows stored in time order (either way) are counted by binary search, the rest by a
+    scan; both must count what a scan of every event counts."""
+    n = np.array([len(r) for r in rows], dtype=np.int64)
+    key = np.maximum(np.array([x for r in rows for x in r], dtype=np.int64), 0)
+    ts = np.full(len(rows), ts_row, dtype=np.int64)
+    got = dataset._activity_counts(key, n, ts, dataset.order_counts(key, n))
+    for got_row, r in zip(got.tolist(), rows):
+        assert got_row == [sum(1 for t in r if t > 0 and 0 < ts_row - t <= w) for w in WINDOWS]
+
+
 def test_domain_without_timestamps_keeps_stored_order():
     rows = [{"domain_e_seq_90": [3, 1, 2, 5], "domain_e_seq_91": [1, 2, 1, 2]}]
     schema = {"user_int": [], "item_int": [], "user_dense": [], "seq": {
@@ -532,7 +560,10 @@ def assert_aligned(batch):
     assert torch.equal(batch["user_dense_feats"][:, :2], torch.stack([v, -v], 1).float())
     assert torch.equal(batch["label"], (u % 3 == 0).float())
     assert torch.equal(batch["timestamp"], T + u)
-    for d in ("seq_a", "seq_b", "seq_c", "seq_d"):
+    for d in DOMAINS:
+        for k in (d + s for s in HISTORY_SUFFIXES):  # trimmed from max_len 3 to 2 events
+            assert batch[k].shape[-1] == 2 and batch[k].is_contiguous(), k
+            assert batch[k].dtype == torch.int32, k
         assert torch.equal(batch[d][:, 0, :2], torch.stack([v, v], 1))
         assert torch.equal(batch[d + "_len"], torch.full_like(u, 2))
         assert torch.equal(batch[d + "_time_bucket"][:, :2],
@@ -633,3 +664,37 @@ def test_eval_loader_reads_all_rows_and_labels_only_when_asked(tiny, tmp_path):
                   TINY_SCHEMA)
     (b,) = list(get_eval_loader(str(tmp_path), layout, tiny_cfg(), 8, 0, read_labels=True))
     assert b["label"].tolist() == [0.0] * 5 and b["user_id"].tolist() == list(range(5))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_histories_are_trimmed_to_each_batch(tmp_path, shuffle):
+    """Each batch's history tensors end at its longest kept history (at least one column),
+    through the shuffle buffer and the plain path alike; the rows are unchanged."""
+    write_dataset(str(tmp_path), [varied_table(range(40))], TINY_SCHEMA, rows_per_group=10)
+    layout = layout_of(TINY_SCHEMA, TINY_SEQ_MAX_LENS)
+    units, _ = dataset.scan_parquet(dataset.list_parquet_files(str(tmp_path)),
+                                    dataset.required_columns(layout, True))
+    ds = PCVRDataset(units, layout, tiny_cfg(), 4, shuffle=shuffle, buffer_batches=2, seed=3)
+    widths, seen = set(), []
+    for b in ds:
+        u = b["user_id"]
+        seen += u.tolist()
+        n = u % 4  # events per row, all kept (max_len 3)
+        width = max(1, int(n.max()))
+        widths.add(width)
+        j = torch.arange(width)
+        kept = j < n[:, None]
+        for d in DOMAINS:
+            assert torch.equal(b[d + "_len"], n)
+            for k in (d + s for s in HISTORY_SUFFIXES):
+                assert b[k].shape[-1] == width and b[k].is_contiguous(), k
+            assert torch.equal(b[d][:, 0], (u % 997 + 1)[:, None] * kept)
+            # ages 10, 20, 30 s: buckets 2, 4, 6
+            assert torch.equal(b[d + "_time_bucket"], (2 * j + 2) * kept)
+    assert sorted(seen) == list(range(40)) and len(widths) > 1
+
+
+def test_vocabularies_must_fit_int32_ids():
+    schema = {"user_int": [[1, 2**31, 1]], "item_int": [], "user_dense": [], "seq": {}}
+    with pytest.raises(ValueError, match="int32"):
+        BatchConverter(layout_of(schema, "", activity=False), DataConfig(seq_max_lens=""), True)
