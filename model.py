@@ -490,7 +490,8 @@ class PCVRHyFormer(nn.Module):
         if self.time_bucket_emb is not None:
             out.append((self.time_bucket_emb, f"{domain}_time_bucket"))
         if self.use_abs_time:
-            out += [(self.seq_hour_emb, f"{domain}_hour"), (self.seq_dow_emb, f"{domain}_dayofweek")]
+            out += [(self.seq_hour_emb, f"{domain}_hour"),
+                    (self.seq_dow_emb, f"{domain}_dayofweek")]
         return out
 
     def _time_tables(self) -> List[nn.Embedding]:
