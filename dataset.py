@@ -578,8 +578,8 @@ def _hour_of_week(ts: np.ndarray, offset_s: int, out: Optional[np.ndarray] = Non
 # Hour of the week h -> hour id h % 24 + 1 and day-of-week id h // 24 + 1 (1-based: 0 is
 # padding); h = 168 marks a missing timestamp or padding and maps to 0.
 _NO_HOUR = 168
-_HOUR_IDS = np.append(np.arange(168) % 24 + 1, 0).astype(np.int32)
-_DAY_IDS = np.append(np.arange(168) // 24 + 1, 0).astype(np.int32)
+_HOUR_IDS = np.append(np.arange(168) % 24 + 1, 0).astype(ID_DTYPE)
+_DAY_IDS = np.append(np.arange(168) // 24 + 1, 0).astype(ID_DTYPE)
 # Time bucket id of an age in seconds = the number of these edges below it: 1..63 for every
 # age of a real event (ages <= 5 s, negative ones too, are bucket 1; ages beyond the last
 # edge share bucket 63), 0 for the _NO_AGE marker of a missing timestamp or padding.

@@ -66,29 +66,6 @@ class _DropPositions(torch.autograd.Function):
         return grad, None, None
 
 
-class _AddDroppedPositions(torch.autograd.Function):
-    """``x + scale * y`` with ``y``'s flat positions ``index`` dropped (same shapes)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        x = x.contiguous()
-        out = torch.add(x, y.contiguous(), alpha=scale)
-        out.view(-1)[index] = x.view(-1)[index].to(out.dtype)
-        ctx.save_for_backward(index)
-        ctx.scale, ctx.x_dtype, ctx.y_dtype = scale, x.dtype, y.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_y = torch.empty_like(grad, dtype=ctx.y_dtype)
-        torch.mul(grad, ctx.scale, out=grad_y)  # scale and cast in one pass
-        grad_y.view(-1).index_fill_(0, index, 0.0)
-        return grad.to(ctx.x_dtype), grad_y, None, None
-
-
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU training path draws only the dropped positions (same law).
 
@@ -99,53 +76,25 @@ class Dropout(nn.Dropout):
     independently with probability exactly ``p``, as in ``F.dropout``; kept ones are scaled
     by ``1 / (1 - p)``. Only the ``~p n`` drawn indices are saved for backward. Other devices
     use ``F.dropout`` (``K`` is needed on the host, a sync on CUDA), as do ``p = 1`` and
-    ``inplace``. ``residual(x, y)`` is ``x + self(y)`` in one pass.
+    ``inplace``.
 
     Shape: any -> the same.
     """
 
-    def fast_path(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` takes the position-drawing path (CPU training, ``0 < p < 1``)."""
-        return (self.training and 0.0 < self.p < 1.0 and not self.inplace
-                and x.device.type == "cpu")
-
-    def draw(self, n: int) -> torch.Tensor:
-        """Flat positions to drop out of ``n`` (int64, may repeat; see the class docstring)."""
-        lam = torch.tensor(-n * math.log1p(-self.p), dtype=torch.float64)
-        return torch.randint(n, (int(torch.poisson(lam).item()),))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fast_path(x):
+        if (not self.training or self.p == 0.0 or self.p >= 1.0 or self.inplace
+                or x.device.type != "cpu"):
             return super().forward(x)
-        return _DropPositions.apply(x, self.draw(x.numel()), 1.0 / (1.0 - self.p))
-
-    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``x + self(y)``; fused on the fast path (saves two passes over ``y``)."""
-        if not self.fast_path(y) or x.shape != y.shape:
-            return x + self(y)
-        return _AddDroppedPositions.apply(x, y, self.draw(y.numel()), 1.0 / (1.0 - self.p))
+        n = x.numel()
+        lam = torch.tensor(-n * math.log1p(-self.p), dtype=torch.float64)
+        index = torch.randint(n, (int(torch.poisson(lam).item()),))
+        return _DropPositions.apply(x, index, 1.0 / (1.0 - self.p))
 
 
-class FeedForward(nn.Sequential):
-    """``Lin(D -> hidden) -> GELU -> Dropout -> Lin(hidden -> D)``, ``[*, D] -> [*, D]``.
-
-    A plain ``nn.Sequential`` of those four (parameter names ``0.*``, ``3.*``), except that on
-    the dropout's fast path the dropped positions of the GELU output are zeroed in place (GELU's
-    backward reads only its input) and the ``1 / (1 - p)`` scale is folded into the second
-    weight: the same function without a pass over the ``hidden``-wide activation.
-    """
-
-    def __init__(self, d_model: int, hidden: int, dropout: float):
-        super().__init__(nn.Linear(d_model, hidden), nn.GELU(), Dropout(dropout),
+def feed_forward(d_model: int, hidden: int, dropout: float) -> nn.Sequential:
+    """``Lin(D -> hidden) -> GELU -> Dropout -> Lin(hidden -> D)``, ``[*, D] -> [*, D]``."""
+    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), Dropout(dropout),
                          nn.Linear(hidden, d_model))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, act, drop, down = self
-        h = act(up(x))
-        if not drop.fast_path(h):
-            return down(drop(h))
-        h.view(-1).index_fill_(0, drop.draw(h.numel()), 0.0)
-        return F.linear(h, down.weight / (1.0 - drop.p), down.bias)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -394,13 +343,13 @@ class TransformerEncoder(nn.Module):
         self.attn_norm = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, rope=rope)
         self.ffn_norm = nn.LayerNorm(d_model)
-        self.ffn = FeedForward(d_model, hidden_mult * d_model, dropout)
+        self.ffn = feed_forward(d_model, hidden_mult * d_model, dropout)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.attn_norm(x)
-        x = self.dropout.residual(x, self.attn(h, None, attention_key_mask(lens, x.shape[1])))
-        return self.dropout.residual(x, self.ffn(self.ffn_norm(x))), lens
+        x = x + self.dropout(self.attn(h, None, attention_key_mask(lens, x.shape[1])))
+        return x + self.dropout(self.ffn(self.ffn_norm(x))), lens
 
 
 class SwiGLUEncoder(nn.Module):
@@ -420,7 +369,7 @@ class SwiGLUEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         a, b = self.up(self.norm(x)).chunk(2, dim=-1)
-        return self.dropout.residual(x, self.down(a * F.silu(b))), lens
+        return x + self.dropout(self.down(a * F.silu(b))), lens
 
 
 class LongerEncoder(nn.Module):
@@ -451,7 +400,7 @@ class LongerEncoder(nn.Module):
         self.norm_kv = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, rope=rope)
         self.ffn_norm = nn.LayerNorm(d_model)
-        self.ffn = FeedForward(d_model, hidden_mult * d_model, dropout)
+        self.ffn = feed_forward(d_model, hidden_mult * d_model, dropout)
         self.dropout = Dropout(dropout)
 
     def _self_mask(self, lens: torch.Tensor, length: int) -> torch.Tensor:
@@ -470,11 +419,11 @@ class LongerEncoder(nn.Module):
             kept = x[:, :self.top_k]
             attn = self.attn(self.norm_q(kept), self.norm_kv(x),
                              attention_key_mask(lens, length))
-            x = self.dropout.residual(kept, attn)
+            x = kept + self.dropout(attn)
         else:
             h = self.norm_q(x)
-            x = self.dropout.residual(x, self.attn(h, None, self._self_mask(lens, length)))
-        return self.dropout.residual(x, self.ffn(self.ffn_norm(x))), lens.clamp_max(self.top_k)
+            x = x + self.dropout(self.attn(h, None, self._self_mask(lens, length)))
+        return x + self.dropout(self.ffn(self.ffn_norm(x))), lens.clamp_max(self.top_k)
 
 
 class CrossAttention(nn.Module):
@@ -497,7 +446,7 @@ class CrossAttention(nn.Module):
     def forward(self, q: torch.Tensor, seq: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         attn = self.attn(self.norm_q(q), self.norm_kv(seq),
                          attention_key_mask(lens, seq.shape[1]), empty=lens == 0)
-        return self.dropout.residual(q, attn)
+        return q + self.dropout(attn)
 
 
 # ----------------------------------------------------------------------------- token mixing
@@ -534,7 +483,7 @@ class RankMixerBlock(nn.Module):
         self.mode = mode
         if mode != "none":
             self.norm = nn.LayerNorm(d_model)
-            self.ffn = FeedForward(d_model, hidden_mult * d_model, dropout)
+            self.ffn = feed_forward(d_model, hidden_mult * d_model, dropout)
             self.post_norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -559,7 +508,8 @@ class NSSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout.residual(x, self.attn(self.norm(x)))
+        h = self.norm(x)
+        return x + self.dropout(self.attn(h))
 
 
 class NSAutoIntLayer(nn.Module):
@@ -586,7 +536,7 @@ class NSAutoIntLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
-        o = self.act(self.dropout.residual(self.res_proj(x), self.attn(h)))
+        o = self.act(self.dropout(self.attn(h)) + self.res_proj(x))
         return x + self.gate * (o - x)
 
 
@@ -601,7 +551,8 @@ class TokenAutoIntLayer(nn.Module):
         self.post_norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post_norm(self.dropout.residual(x, self.attn(self.norm(x))))
+        h = self.norm(x)
+        return self.post_norm(x + self.dropout(self.attn(h)))
 
 
 class GatedTokenAutoInt(nn.Module):

@@ -18,8 +18,9 @@ from config import DecouplingConfig, ModelConfig  # noqa: E402
 from feature_tokens import (DENSE_GRAD_MAX_ROWS, NSFeatureEmbedding,  # noqa: E402
                             RankMixerNSTokenizer, signed_log1p)
 from model import PCVRHyFormer, build_model, load_ns_groups  # noqa: E402
-from modules import (CrossAttention, LongerEncoder, token_mix,  # noqa: E402
-                     valid_mask)
+import modules  # noqa: E402
+from modules import (CrossAttention, Dropout, LongerEncoder, RowBuckets, attend,  # noqa: E402
+                     token_mix, valid_mask)
 from schema import FeatureLayout, FeatureSpec, load_schema, parse_schema  # noqa: E402
 
 ONLINE_SCHEMA = os.path.join(ROOT, "..", "shared", "reference", "schemas", "online_schema.json")
@@ -331,6 +332,97 @@ def test_cross_attention_of_empty_sequence_is_residual_only():
     out = cross(q, torch.randn(2, 5, 8), torch.tensor([0, 5]))
     assert torch.equal(out[0], q[0] + cross.attn.out_proj.bias)
     assert not torch.allclose(out[1], q[1])
+
+
+# ----------------------------------------------------------------------------- speed paths
+
+def test_dropout_drops_each_element_independently_with_probability_p():
+    torch.manual_seed(0)
+    drop = Dropout(0.3).train()
+    x = torch.ones(400, 500, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    n = kept.numel()
+    assert abs((~kept).float().mean().item() - 0.3) < 5 * (0.3 * 0.7 / n) ** 0.5
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    rows = kept[:, :2].float().T  # no correlation between neighbouring positions
+    assert abs(torch.corrcoef(rows)[0, 1].item()) < 0.02
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, kept.float() / 0.7)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_attention_runs_in_float32_on_cpu():
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.bfloat16) for _ in range(3))
+    mask = valid_mask(torch.tensor([5, 2]), 5)[:, None, None, :]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, mask)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.bfloat16())
+
+
+def test_row_buckets_partition_the_rows_and_cover_their_lengths(monkeypatch):
+    lens = torch.tensor([0, 7, 3, 512, 40, 41, 200, 3, 90, 511, 1, 64])
+    for quantum in (1, 8):
+        monkeypatch.setattr(modules, "ROW_QUANTUM", quantum)
+        plan = RowBuckets(lens, 512, max_buckets=4, min_len=2)
+        assert 1 < len(plan.bounds) <= 4
+        assert sorted(plan.order.tolist()) == list(range(12))
+        rows = [plan.order[a:b] for a, b, _ in plan.bounds]
+        assert [a for a, _, _ in plan.bounds] == [0] + [b for _, b, _ in plan.bounds[:-1]]
+        for r, (_, _, length) in zip(rows, plan.bounds):
+            assert length >= lens[r].clamp_min(2).max() and (length % 32 == 0 or length == 512)
+        x = torch.randn(12, 3, 512)
+        parts = plan.split(x, seq_dim=2)
+        assert [p.shape[2] for p in parts] == [length for _, _, length in plan.bounds]
+        assert torch.equal(plan.merge([p[:, :, 0] for p in parts]), x[:, :, 0])
+    one = RowBuckets(lens, 512, max_buckets=1)
+    assert one.order is None and one.bounds == [(0, 12, 512)]
+    assert RowBuckets(lens.clamp_max(50), 512, max_buckets=1).bounds == [(0, 12, 64)]
+    # Lengths off the CPU are never read: one bucket, batch order, full length (no sync).
+    off_host = RowBuckets(torch.empty(12, dtype=torch.long, device="meta"), 512, 8)
+    assert off_host.order is None and off_host.bounds == [(0, 12, 512)]
+
+
+@pytest.mark.parametrize("cfg", [
+    make_cfg(),
+    make_cfg(use_target_attention=True, use_abs_time_emb=True, use_pair_62_66=True),
+    make_cfg(seq_encoder_type="longer", seq_causal=True, use_rope=True),
+    make_cfg(seq_encoder_type="longer", use_target_attention=True),
+    make_cfg(seq_encoder_type="swiglu", use_ns_self_attn=True, use_combined_autoint=True),
+])
+def test_length_buckets_do_not_change_outputs_or_gradients(cfg, monkeypatch):
+    """Buckets (forced to be many and tight) vs one untrimmed bucket: the same function."""
+    g = torch.Generator().manual_seed(3)
+    lens = {d: [n] + torch.randint(0, n + 1, (15,), generator=g).tolist()  # row 0 is full
+            for d, n in SEQ_LENS.items()}
+    batch = make_batch(batch=16, lens=lens)
+    model = make_model(cfg)
+    results = []
+    for buckets, row_quantum, len_quantum, overhead in ((1, 8, 32, 2e5), (8, 1, 1, 0.0)):
+        for name, value in (("ROW_QUANTUM", row_quantum), ("LEN_QUANTUM", len_quantum),
+                            ("BUCKET_OVERHEAD", overhead)):
+            monkeypatch.setattr(modules, name, value)
+        model.max_seq_buckets = buckets
+        model.zero_grad()
+        model.train()(batch).logits.sum().backward()
+        grads = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()
+                 if p.grad is not None}
+        results.append((model.eval().predict(batch), grads))
+    plan = RowBuckets(batch["seq_c_len"], 8, 8, model.min_bucket_len)
+    assert len(plan.bounds) > 2  # the second run really used several buckets
+    (pred_one, grads_one), (pred_many, grads_many) = results
+    torch.testing.assert_close(pred_many, pred_one, rtol=1e-5, atol=1e-6)
+    assert grads_many.keys() == grads_one.keys()
+    for name in grads_one:
+        torch.testing.assert_close(grads_many[name], grads_one[name], rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
+def test_predict_records_no_graph():
+    model = make_model().eval()
+    out = model.predict(make_batch())
+    assert not out.requires_grad and out.grad_fn is None
 
 
 # ----------------------------------------------------------------------------- training
