@@ -105,17 +105,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from config import DataConfig, parse_seq_max_lens
-from schema import (ACTIVITY_DOMAINS, ACTIVITY_FIDS, ACTIVITY_WINDOWS_S, PAIR_FIDS, FeatureLayout,
-                    FeatureSpec, SeqDomainSpec, load_schema)
-
-# Upper edges (seconds) of the time-since-event buckets (pipeline_spec §1.5): 63 values.
-TIME_BUCKET_BOUNDARIES = np.array(
-    list(range(5, 61, 5)) + list(range(120, 601, 60)) + list(range(900, 3601, 300))
-    + list(range(5400, 21601, 1800)) + list(range(32400, 86401, 10800))
-    + list(range(172800, 604801, 86400)) + [1123200, 1641600, 2160000, 2592000]
-    + [4320000, 6048000, 7776000] + [11664000, 15552000] + [31536000], dtype=np.int64)
-# Bucket ids 1..63 for real events, 0 for padding / missing timestamps.
-NUM_TIME_BUCKETS = len(TIME_BUCKET_BOUNDARIES) + 1
+from schema import (ACTIVITY_DOMAINS, ACTIVITY_FIDS, ACTIVITY_WINDOWS_S, PAIR_FIDS,
+                    TIME_BUCKET_BOUNDARIES, FeatureLayout, FeatureSpec, SeqDomainSpec, load_schema)
 
 ID_COLUMNS = ("user_id", "timestamp")
 LABEL_COLUMN = "label_type"
@@ -584,7 +575,7 @@ _DAY_IDS = np.append(np.arange(168) // 24 + 1, 0).astype(ID_DTYPE)
 # age of a real event (ages <= 5 s, negative ones too, are bucket 1; ages beyond the last
 # edge share bucket 63), 0 for the _NO_AGE marker of a missing timestamp or padding.
 _NO_AGE = np.iinfo(np.int64).min
-_BUCKET_EDGES = np.concatenate([[_NO_AGE], TIME_BUCKET_BOUNDARIES[:-1]])
+_BUCKET_EDGES = np.array((_NO_AGE,) + TIME_BUCKET_BOUNDARIES[:-1], dtype=np.int64)
 
 
 def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.ndarray:
@@ -1122,8 +1113,16 @@ class PCVRLoader(DataLoader):
 def make_loader(dataset: PCVRDataset, num_workers: int, pin_memory: Optional[bool] = None
                 ) -> PCVRLoader:
     """``batch_size=None`` loader; workers are not persistent so that ``set_epoch`` reaches
-    them, and ``prefetch_factor`` is only given when there are workers."""
-    kwargs: Dict[str, Any] = {"prefetch_factor": 2} if num_workers > 0 else {}
+    them, and ``prefetch_factor`` is only given when there are workers.
+
+    With workers, tensors travel through the ``file_system`` sharing strategy: the default
+    one keeps a file descriptor open per tensor in flight and runs out of them (a batch holds
+    about 30 tensors) under the usual limit of 1024.
+    """
+    kwargs: Dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = 2
+        torch.multiprocessing.set_sharing_strategy("file_system")
     return PCVRLoader(dataset, batch_size=None, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                       persistent_workers=False, **kwargs)

@@ -32,9 +32,6 @@ import torch.nn.functional as F
 from modules import Dropout
 from schema import ACTIVITY_FIDS, FeatureSpec, SeqDomainSpec
 
-# Time-bucket ids 1..63 (0 = padding): 63 boundaries (pipeline_spec §1.5; model_spec's 65 is
-# superseded by the data spec).
-NUM_TIME_BUCKETS = 64
 # Tables up to this many rows (4 MB at E = 64) get dense gradients (module docstring).
 DENSE_GRAD_MAX_ROWS = 16384
 # Pair mode: user dense fids that get their own head in the user dense token (§9.2).

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from config import Config, ConfigError, from_flat_dict, parse_seq_max_lens
-from dataset import NUM_TIME_BUCKETS, DataStats, get_eval_loader
+from dataset import DataStats, get_eval_loader
 from model import build_model, load_ns_groups
-from schema import load_schema
+from schema import NUM_TIME_BUCKETS, load_schema
 from trainer import Predictions, predict_loader, score_predictions
 from utils import atomic_write_json, create_logger, resolve_device
 

@@ -38,14 +38,14 @@ import torch.nn as nn
 
 from config import DecouplingConfig, ModelConfig, parse_int_list
 from decoupling import DecoupledOutput, EntityDecoupler
-from feature_tokens import (NUM_TIME_BUCKETS, DenseCrossToken, DenseToken, GroupNSTokenizer,
+from feature_tokens import (DenseCrossToken, DenseToken, GroupNSTokenizer,
                             NSFeatureEmbedding, PairModeUserDenseToken, RankMixerNSTokenizer,
                             SequenceTokenizer, has_table, init_table_)
 from modules import (BucketedSeq, CrossAttention, Dropout, GatedTokenAutoInt, HeadCrossNet,
                      LongerEncoder, MultiSeqQueryGenerator, NSAutoIntLayer, NSSelfAttention,
                      NSTokenSEGate, RankMixerBlock, RotaryEmbedding, RowBuckets, SwiGLUEncoder,
                      TargetAwareAttentionHead, TransformerEncoder, masked_mean, valid_mask)
-from schema import FeatureLayout, FeatureSpec
+from schema import NUM_TIME_BUCKETS, FeatureLayout, FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -194,15 +194,25 @@ class HyFormerBlock(nn.Module):
     Steps 1-2 run per length bucket of each domain (``BucketedSeq``); the queries' results
     are merged back into batch order.
 
+    Args:
+        cfg: architecture flags.
+        seq_max_lens: ``L`` of each domain (schema order), which sets, for the ``longer``
+            encoder, which domains reduce to ``top_k`` tokens in this block.
+        num_ns: ``N_ns``.
+        rope: shared rotary embedding or None.
+        first: the first block (the ``longer`` encoder reduces ``L > top_k`` domains here).
+
     Shape: q ``[B, S, Nq, D]``, ns ``[B, N_ns, D]``, seqs ``S x BucketedSeq`` -> the same three
         (bucket lengths shrink to ``top_k`` with the ``longer`` encoder).
     """
 
-    def __init__(self, cfg: ModelConfig, num_domains: int, num_ns: int,
-                 rope: Optional[RotaryEmbedding]):
+    def __init__(self, cfg: ModelConfig, seq_max_lens: Sequence[int], num_ns: int,
+                 rope: Optional[RotaryEmbedding], first: bool):
         super().__init__()
         d, h, p = cfg.d_model, cfg.num_heads, cfg.dropout_rate
-        self.encoders = nn.ModuleList(self._encoder(cfg, rope) for _ in range(num_domains))
+        num_domains = len(seq_max_lens)
+        self.encoders = nn.ModuleList(self._encoder(cfg, rope, first and n > cfg.seq_top_k)
+                                      for n in seq_max_lens)
         self.cross_attns = nn.ModuleList(CrossAttention(d, h, p, rope)
                                          for _ in range(num_domains))
         self.ns_feature_cross: Optional[nn.Module] = None
@@ -225,14 +235,14 @@ class HyFormerBlock(nn.Module):
                                     cfg.rank_mixer_mode)
 
     @staticmethod
-    def _encoder(cfg: ModelConfig, rope: Optional[RotaryEmbedding]) -> nn.Module:
+    def _encoder(cfg: ModelConfig, rope: Optional[RotaryEmbedding], reduce: bool) -> nn.Module:
         d, h, m, p = cfg.d_model, cfg.num_heads, cfg.hidden_mult, cfg.dropout_rate
         if cfg.seq_encoder_type == "transformer":
             return TransformerEncoder(d, h, m, p, rope)
         if cfg.seq_encoder_type == "swiglu":
             return SwiGLUEncoder(d, m, p)
         if cfg.seq_encoder_type == "longer":
-            return LongerEncoder(d, h, m, p, cfg.seq_top_k, cfg.seq_causal, rope)
+            return LongerEncoder(d, h, m, p, cfg.seq_top_k, cfg.seq_causal, reduce, rope)
         raise ValueError(f"seq_encoder_type must be transformer, swiglu or longer, got "
                          f"{cfg.seq_encoder_type!r}")
 
@@ -392,12 +402,11 @@ class PCVRHyFormer(nn.Module):
                 raise ValueError(f"use_rope supports sequences up to {ROPE_MAX_LEN}, got "
                                  f"{longest}")
             rope = RotaryEmbedding(d // cfg.num_heads, cfg.rope_base, ROPE_MAX_LEN)
-        self.blocks = nn.ModuleList(HyFormerBlock(cfg, num_domains, self.num_ns_tokens, rope)
-                                    for _ in range(cfg.num_hyformer_blocks))
-        # Length buckets of the sequences (modules.RowBuckets). The longer encoder must keep
-        # its cross-attention branch (L > top_k), so its buckets stay longer than top_k.
-        self.max_seq_buckets = MAX_SEQ_BUCKETS
-        self.min_bucket_len = cfg.seq_top_k + 1 if cfg.seq_encoder_type == "longer" else 1
+        seq_max_lens = [dom.max_len for dom in layout.seq]
+        self.blocks = nn.ModuleList(HyFormerBlock(cfg, seq_max_lens, self.num_ns_tokens, rope,
+                                                  first=i == 0)
+                                    for i in range(cfg.num_hyformer_blocks))
+        self.max_seq_buckets = MAX_SEQ_BUCKETS  # length buckets per domain (modules.RowBuckets)
 
         # Head, §7, §9.9, §9.10.
         self.output_proj = nn.Sequential(nn.Linear(cfg.num_queries * num_domains * d, d),
@@ -547,8 +556,7 @@ class PCVRHyFormer(nn.Module):
         seqs = []
         for name, tokenizer in self.seq_tokenizers.items():
             lens = batch[f"{name}_len"]
-            buckets = RowBuckets(lens, batch[name].shape[2], self.max_seq_buckets,
-                                 self.min_bucket_len)
+            buckets = RowBuckets(lens, batch[name].shape[2], self.max_seq_buckets)
             tokens = [tokenizer(ids) for ids in buckets.split(batch[name], seq_dim=2)]
             # Per-event time embeddings; padding ids are 0 (zero rows), so padding adds nothing.
             for table, key in self._seq_time_tables(name):

@@ -132,7 +132,7 @@ class RowBuckets:
 
     Sequences are left-aligned and every reader masks padded positions, so a row's outputs at
     its valid positions depend only on its positions ``0 .. len-1``. A group of rows can thus
-    run on a prefix ``0 .. L_j - 1`` covering its longest row (at least ``min_len``) with the
+    run on a prefix ``0 .. L_j - 1`` covering its longest row (at least 1) with the
     same valid-position results, for ~``(L_j / L)^2`` of the attention and ``L_j / L`` of the
     token-wise work; positions past ``L_j`` (padding of every row of the group) are never
     computed. Rows are sorted by length and cut into at most ``max_buckets`` runs by a small DP
@@ -146,7 +146,6 @@ class RowBuckets:
         lens: ``[B]`` int lengths.
         max_len: ``L``, the padded length.
         max_buckets: the most buckets to use (1 = only trim to the longest row).
-        min_len: the shortest length a bucket is trimmed to (clamped to ``[1, L]``).
 
     Attributes:
         order: ``[B]`` row indices sorted by length, or None (batch order, one bucket).
@@ -154,15 +153,14 @@ class RowBuckets:
             tensors have ``length`` positions.
     """
 
-    def __init__(self, lens: torch.Tensor, max_len: int, max_buckets: int = 1,
-                 min_len: int = 1):
+    def __init__(self, lens: torch.Tensor, max_len: int, max_buckets: int = 1):
         batch = lens.shape[0]
         self.order: Optional[torch.Tensor] = None
         self.inverse: Optional[torch.Tensor] = None
         if lens.device.type != "cpu" or batch == 0:
             self.bounds = [(0, batch, max_len)]
             return
-        sorted_lens, order = torch.sort(lens.clamp(max(1, min_len), max_len), stable=True)
+        sorted_lens, order = torch.sort(lens.clamp(1, max_len), stable=True)
         # Candidate bucket ends, and the (quantised) length of a bucket ending there.
         ends = torch.tensor(list(range(ROW_QUANTUM, batch, ROW_QUANTUM)) + [batch])
         longest = sorted_lens[ends - 1]
@@ -380,22 +378,29 @@ class LongerEncoder(nn.Module):
     plain slice does the selection. This is correct by construction for rows shorter than
     ``top_k``, where the reference's gather misaligns tokens and mask (model_spec §11.1.1).
 
-    * ``L > top_k`` (first block): the kept tokens cross-attend to all ``L`` tokens
-      (pre-LN ``norm_q`` on the queries, ``norm_kv`` on the keys), residual on the kept ones.
-    * ``L <= top_k`` (later blocks): self-attention with ``norm_q``; with ``causal`` a token
+    * ``reduce`` (the first block of a domain with ``max_len > top_k``): the kept tokens
+      cross-attend to all ``L`` tokens (pre-LN ``norm_q`` on the queries, ``norm_kv`` on the
+      keys), residual on the kept ones.
+    * otherwise (later blocks): self-attention with ``norm_q``; with ``causal`` a token
       attends to itself and older events (higher positions).
     * then ``x += Dropout(FFN(LN(x)))``.
+
+    The reference switches on ``L > top_k`` with ``L`` the domain's fixed padded length; here
+    ``L`` is trimmed per batch and per length bucket, so the branch is fixed at construction:
+    a row's output never depends on the lengths of the rows batched with it.
 
     Shape: x ``[B, L, D]``, lens ``[B]`` -> (``[B, min(L, top_k), D]``, ``min(lens, top_k)``).
     """
 
     def __init__(self, d_model: int, num_heads: int, hidden_mult: int, dropout: float,
-                 top_k: int, causal: bool, rope: Optional[RotaryEmbedding] = None):
+                 top_k: int, causal: bool, reduce: bool,
+                 rope: Optional[RotaryEmbedding] = None):
         super().__init__()
         if top_k < 1:
             raise ValueError(f"seq_top_k must be >= 1, got {top_k}")
         self.top_k = top_k
         self.causal = causal
+        self.reduce = reduce
         self.norm_q = nn.LayerNorm(d_model)
         self.norm_kv = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, num_heads, rope=rope)
@@ -415,7 +420,7 @@ class LongerEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         length = x.shape[1]
-        if length > self.top_k:
+        if self.reduce:
             kept = x[:, :self.top_k]
             attn = self.attn(self.norm_q(kept), self.norm_kv(x),
                              attention_key_mask(lens, length))

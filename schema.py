@@ -24,6 +24,15 @@ ACTIVITY_FIDS: Tuple[int, ...] = tuple(range(900, 916))
 ACTIVITY_DOMAINS: Tuple[str, ...] = ("seq_a", "seq_b", "seq_c", "seq_d")
 ACTIVITY_WINDOWS_S: Tuple[int, ...] = (86400, 3 * 86400, 5 * 86400)
 PAIR_FIDS: Tuple[int, ...] = (62, 63, 64, 65, 66)
+# Upper edges (seconds) of the time-since-event buckets (pipeline_spec §1.5): 63 values.
+TIME_BUCKET_BOUNDARIES: Tuple[int, ...] = (
+    tuple(range(5, 61, 5)) + tuple(range(120, 601, 60)) + tuple(range(900, 3601, 300))
+    + tuple(range(5400, 21601, 1800)) + tuple(range(32400, 86401, 10800))
+    + tuple(range(172800, 604801, 86400)) + (1123200, 1641600, 2160000, 2592000)
+    + (4320000, 6048000, 7776000) + (11664000, 15552000) + (31536000,))
+# Bucket ids 1..63 for real events, 0 for padding / missing timestamps: the time-bucket table
+# has 64 rows (model_spec's 65 is superseded by the data spec).
+NUM_TIME_BUCKETS = len(TIME_BUCKET_BOUNDARIES) + 1
 
 DEFAULT_SEQ_LEN = 256
 

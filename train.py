@@ -11,11 +11,10 @@ import os
 import sys
 from typing import List, Optional
 
-import torch
-
 from config import Config, parse_config, parse_seq_max_lens, to_flat_dict
-from dataset import NUM_TIME_BUCKETS, DataStats, get_pcvr_data
+from dataset import DataStats, get_pcvr_data
 from model import build_model, load_ns_groups
+from schema import NUM_TIME_BUCKETS
 from trainer import Trainer, TrainResult
 from utils import MetricsWriter, count_params, create_logger, resolve_device, set_seed
 
@@ -76,5 +75,4 @@ def main(argv: Optional[List[str]] = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    torch.multiprocessing.set_sharing_strategy("file_system")
     main()

@@ -155,6 +155,9 @@ class Trainer:
         self.dense_params = list(model.dense_parameters())
         self.dense_opt = torch.optim.AdamW(self.dense_params, lr=t.lr, betas=(0.9, 0.98),
                                            weight_decay=0.01)
+        # Adagrad builds its sparse updates from coalesced gradients; checking them again on
+        # every step costs time, and saying so explicitly keeps torch from warning about it.
+        torch.sparse.check_sparse_tensor_invariants.disable()
         self.sparse_opt = (torch.optim.Adagrad(self.sparse_params, lr=t.sparse_lr)
                            if self.sparse_params else None)
         self.use_bf16 = bool(t.use_bf16_train) and device.type in ("cuda", "cpu")

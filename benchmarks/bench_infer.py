@@ -21,9 +21,8 @@ import torch
 
 import infer
 from config import parse_config, parse_seq_max_lens
-from dataset import NUM_TIME_BUCKETS
 from model import build_model, load_ns_groups
-from schema import load_schema
+from schema import NUM_TIME_BUCKETS, load_schema
 from trainer import save_checkpoint
 from utils import set_seed
 

@@ -19,8 +19,9 @@ from common import ROOT, ensure_online_data, peak_rss_gb, seed_flags
 import torch
 
 from config import parse_config
-from dataset import NUM_TIME_BUCKETS, get_pcvr_data
+from dataset import get_pcvr_data
 from model import build_model, load_ns_groups
+from schema import NUM_TIME_BUCKETS
 from trainer import Trainer
 from utils import count_params, set_seed
 

@@ -17,10 +17,9 @@ from _parquet_util import (GOLDEN_SCHEMA, GOLDEN_SEQ_MAX_LENS, INT_LIST, T, TINY
                            TINY_SEQ_MAX_LENS, golden_table, tiny_table, varied_table,
                            write_dataset)
 from config import DataConfig, parse_seq_max_lens
-from dataset import (NUM_TIME_BUCKETS, TIME_BUCKET_BOUNDARIES, BatchConverter, DataError,
-                     DataStats, PCVRDataset, get_eval_loader, get_pcvr_data, recent_order,
-                     split_row_groups)
-from schema import PAIR_FIDS, parse_schema
+from dataset import (BatchConverter, DataError, DataStats, PCVRDataset, get_eval_loader,
+                     get_pcvr_data, recent_order, split_row_groups)
+from schema import NUM_TIME_BUCKETS, PAIR_FIDS, TIME_BUCKET_BOUNDARIES, parse_schema
 
 LN2, LN3, LN4 = math.log1p(1), math.log1p(2), math.log1p(3)
 DOMAINS = ("seq_a", "seq_b", "seq_c", "seq_d")
@@ -239,7 +238,7 @@ def slow_convert(rows, layout, cfg, read_labels):
                     dw.append(0)
                     continue
                 delta = max(T_ - t, 0)
-                tb.append(min(bisect.bisect_left(TIME_BUCKET_BOUNDARIES.tolist(), delta), 62) + 1)
+                tb.append(min(bisect.bisect_left(TIME_BUCKET_BOUNDARIES, delta), 62) + 1)
                 hr.append(((t + off) // 3600) % 24 + 1)
                 dw.append(((t + off) // 86400 + 3) % 7 + 1)
             out[d.name + "_time_bucket"].append(tb + [0] * pad)

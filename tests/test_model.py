@@ -294,7 +294,7 @@ def test_padding_time_ids_contribute_zero():
 def test_longer_encoder_keeps_the_most_recent_real_tokens():
     """Regression of model_spec §11.1.1: lengths (2, 6), top_k 4, L 6."""
     torch.manual_seed(0)
-    enc = LongerEncoder(8, 2, 2, 0.0, top_k=4, causal=False)
+    enc = LongerEncoder(8, 2, 2, 0.0, top_k=4, causal=False, reduce=True)
     x, lens = torch.randn(2, 6, 8), torch.tensor([2, 6])
     out, new_lens = enc(x, lens)
     assert out.shape == (2, 4, 8) and new_lens.tolist() == [2, 4]
@@ -310,7 +310,8 @@ def test_longer_encoder_keeps_the_most_recent_real_tokens():
 
 def test_longer_encoder_ignores_padding_and_feeds_cross_attention_real_tokens():
     torch.manual_seed(0)
-    enc = LongerEncoder(8, 2, 2, 0.0, top_k=4, causal=False)
+    enc = LongerEncoder(8, 2, 2, 0.0, top_k=4, causal=False, reduce=True)
+    later = LongerEncoder(8, 2, 2, 0.0, top_k=4, causal=False, reduce=False)
     cross = CrossAttention(8, 2, 0.0)
     x, lens, q = torch.randn(2, 6, 8), torch.tensor([2, 6]), torch.randn(2, 1, 8)
     noisy = x.clone()
@@ -321,9 +322,21 @@ def test_longer_encoder_ignores_padding_and_feeds_cross_attention_real_tokens():
     torch.testing.assert_close(out_noisy[1], out[1])
     torch.testing.assert_close(cross(q, out_noisy, n), cross(q, out, n))
     # The second (self-attention) block keeps the same guarantee.
-    out2, n2 = enc(out, n)
-    out2_noisy, _ = enc(out_noisy, n)
+    out2, n2 = later(out, n)
+    out2_noisy, _ = later(out_noisy, n)
     torch.testing.assert_close(out2_noisy[0, :2], out2[0, :2])
+
+
+def test_longer_encoder_branch_does_not_depend_on_the_batch_length():
+    """A row's output is the same whether its batch is trimmed below top_k or not."""
+    torch.manual_seed(0)
+    first = LongerEncoder(8, 2, 2, 0.0, top_k=4, causal=False, reduce=True)
+    x, lens = torch.randn(2, 6, 8), torch.tensor([3, 2])
+    full, _ = first(x, lens)                 # L 6 > top_k
+    trimmed, n = first(x[:, :3], lens)       # the same rows trimmed to their longest, L 3
+    assert trimmed.shape == (2, 3, 8) and n.tolist() == [3, 2]
+    for row, length in enumerate(lens.tolist()):
+        torch.testing.assert_close(trimmed[row, :length], full[row, :length])
 
 
 def test_cross_attention_of_empty_sequence_is_residual_only():
@@ -365,13 +378,13 @@ def test_row_buckets_partition_the_rows_and_cover_their_lengths(monkeypatch):
     lens = torch.tensor([0, 7, 3, 512, 40, 41, 200, 3, 90, 511, 1, 64])
     for quantum in (1, 8):
         monkeypatch.setattr(modules, "ROW_QUANTUM", quantum)
-        plan = RowBuckets(lens, 512, max_buckets=4, min_len=2)
+        plan = RowBuckets(lens, 512, max_buckets=4)
         assert 1 < len(plan.bounds) <= 4
         assert sorted(plan.order.tolist()) == list(range(12))
         rows = [plan.order[a:b] for a, b, _ in plan.bounds]
         assert [a for a, _, _ in plan.bounds] == [0] + [b for _, b, _ in plan.bounds[:-1]]
         for r, (_, _, length) in zip(rows, plan.bounds):
-            assert length >= lens[r].clamp_min(2).max() and (length % 32 == 0 or length == 512)
+            assert length >= lens[r].clamp_min(1).max() and (length % 32 == 0 or length == 512)
         x = torch.randn(12, 3, 512)
         parts = plan.split(x, seq_dim=2)
         assert [p.shape[2] for p in parts] == [length for _, _, length in plan.bounds]
@@ -409,7 +422,7 @@ def test_length_buckets_do_not_change_outputs_or_gradients(cfg, monkeypatch):
         grads = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()
                  if p.grad is not None}
         results.append((model.eval().predict(batch), grads))
-    plan = RowBuckets(batch["seq_c_len"], 8, 8, model.min_bucket_len)
+    plan = RowBuckets(batch["seq_c_len"], 8, 8)
     assert len(plan.bounds) > 2  # the second run really used several buckets
     (pred_one, grads_one), (pred_many, grads_many) = results
     torch.testing.assert_close(pred_many, pred_one, rtol=1e-5, atol=1e-6)
@@ -627,8 +640,6 @@ def test_build_model_resolves_a_groups_path(tmp_path):
         == 15 + 1 + 6 + 1
 
 
-def test_time_bucket_table_matches_the_data_pipeline():
-    import dataset
-    import feature_tokens
-    assert feature_tokens.NUM_TIME_BUCKETS == dataset.NUM_TIME_BUCKETS
-    assert make_model().time_bucket_emb.num_embeddings == dataset.NUM_TIME_BUCKETS
+def test_time_bucket_table_has_a_row_per_bucket_id():
+    import schema
+    assert make_model().time_bucket_emb.num_embeddings == schema.NUM_TIME_BUCKETS == 64
