@@ -155,10 +155,15 @@ def _local(argv: Optional[List[str]] = None) -> None:
         line = f"auc {metrics['auc']:.6f} logloss {metrics['logloss']:.6f} rows {pred.logit.size}"
         try:
             import demo_data
-            line += f" oracle_auc {demo_data.oracle_auc(args.data_dir):.6f}"
-        except (ImportError, FileNotFoundError):
-            pass
-        print(line, flush=True)
+            oracle = demo_data.oracle_auc(args.data_dir)
+            capture = demo_data.effect_capture(args.data_dir, pred.user_id, pred.logit)
+        except (ImportError, FileNotFoundError):  # not demo data: no truth sidecar
+            print(line, flush=True)
+            return
+        print("planted effect -> weight in the model's logit (1 = fully used, 0 = ignored): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in capture.items()), flush=True)
+        lift = (metrics["auc"] - 0.5) / (oracle - 0.5)
+        print(f"{line} oracle_auc {oracle:.6f} oracle_lift {lift:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -237,6 +237,23 @@ def test_sidecar_truth_and_calibration(data):
 
 # ------------------------------------------------------------------------------- effects
 
+def test_effect_capture_recovers_the_weights_of_a_known_logit(data):
+    out, _ = data
+    with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
+        user_id = z["user_id"]
+        logit = 2.0 * z["logit_abs_time"] + 0.5 * z["logit_pair_62_66"] - 1.0
+    perm = np.random.default_rng(0).permutation(user_id.size)  # row order does not matter
+    capture = dd.effect_capture(out, user_id[perm], logit[perm])
+    assert list(capture) == [e.name for e in dd.EFFECTS] + ["r2"]
+    expected = {"abs_time": 2.0, "pair_62_66": 0.5}
+    for name, weight in capture.items():
+        if name != "r2":
+            assert weight == pytest.approx(expected.get(name, 0.0), abs=1e-6), name
+    assert capture["r2"] == pytest.approx(1.0)
+    with pytest.raises(KeyError, match="not rows of this split"):
+        dd.effect_capture(out, user_id[:3] + 10**12, logit[:3])
+
+
 def test_every_planted_effect_moves_the_labels(data):
     out, _ = data
     with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:

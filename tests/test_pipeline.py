@@ -143,8 +143,9 @@ def test_run_sh_smoke(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "--num_epochs", "1",
                            *TINY_MODEL], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("auc ") and "oracle_auc" in last
+    capture, last = proc.stdout.strip().splitlines()[-2:]
+    assert last.startswith("auc ") and "oracle_auc" in last and "oracle_lift" in last
+    assert capture.startswith("planted effect") and "pair_62_66" in capture
     assert (tmp_path / "out" / "predictions" / "predictions.json").exists()
 
 
