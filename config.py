@@ -109,8 +109,9 @@ class ModelConfig:
                                             "the user dense token")
     use_pair_62_66: bool = flag(False, "pool int fids 62-66 weighted by their paired dense "
                                 "values, and per-fid user dense heads")
-    pair_pooling: str = flag("mean", "pair 62-66 pooling: 'mean' = weights normalised to sum 1; "
-                             "'sum' = the reference's unnormalised weighted sum",
+    pair_pooling: str = flag("sum", "pair 62-66 pooling: 'sum' = the reference's weighted sum "
+                             "(measured better on the demo data); 'mean' = weights normalised "
+                             "to sum 1",
                              choices=("mean", "sum"))
     use_dense_cross_token: bool = flag(False, "extra NS token crossing user and item dense "
                                        "features (adds 1 to T)")

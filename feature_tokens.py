@@ -90,7 +90,8 @@ class NSFeatureEmbedding(nn.Module):
     embeddings of its non-zero ids (an all-padding fid gives zeros; a scalar fid is a plain
     lookup). A *pair* fid (62-66) is weighted by its paired dense value instead:
     ``w_p = sqrt(log1p(max(v_p, 0))) * 1[id_p != 0]``, pooled as ``sum_p w_p e_p / sum_p w_p``
-    (``pair_pooling='mean'``) or ``sum_p w_p e_p`` (``'sum'``, the reference); rows whose
+    (``pair_pooling='mean'``) or ``sum_p w_p e_p`` (``'sum'``, the reference and the default:
+    it keeps the engagement's size, which the normalised mean divides away); rows whose
     weights sum to 0 fall back to the masked mean. Each fid is one fused ``embedding_bag``.
 
     Args:
@@ -107,7 +108,7 @@ class NSFeatureEmbedding(nn.Module):
 
     def __init__(self, specs: Sequence[FeatureSpec], emb_dim: int, skip_threshold: int,
                  pair_dense: Optional[Mapping[int, FeatureSpec]] = None,
-                 pair_pooling: str = "mean"):
+                 pair_pooling: str = "sum"):
         super().__init__()
         if pair_pooling not in ("mean", "sum"):
             raise ValueError(f"pair_pooling must be 'mean' or 'sum', got {pair_pooling!r}")

@@ -15,8 +15,6 @@ Differences from the reference, all deliberate (details in the docstrings of the
   (its reference top-k misalignment bug cannot occur) and target attention's "last" token is
   position 0, the most recent event;
 * dense inputs pass a parameter-free ``signed_log1p`` (raw values reach 1e7);
-* pair 62-66 pooling is a normalised weighted mean by default (``pair_pooling='sum'`` keeps
-  the reference's unnormalised sum);
 * no attention-probability dropout inside SDPA: the attention output is dropped instead;
 * the time-bucket table has 64 rows (pipeline_spec §1.5), sequence projections skip the
   all-zero columns of table-less features, and ``forward`` does no host-device sync (input

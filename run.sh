@@ -23,11 +23,15 @@ if [[ -n "${TRAIN_DATA_PATH:-}" || $has_data == 1 ]]; then
   exec "$PY" -u "$HERE/train.py" "${SEED_FLAGS[@]}" "$@"
 fi
 
-# Demo mode: built-in demo data with planted signals, generated once and cached.
+# Demo mode: built-in demo data with planted signals, cached; generated again whenever the
+# generator or DEMO_DATA_FLAGS change (the stamp), so a cache never outlives its generator.
 DEMO_DIR="${DEMO_DIR:-$HERE/.demo_data/default}"
 OUT_DIR="${DEMO_OUT:-$HERE/outputs/demo}"
-if [[ ! -f "$DEMO_DIR/eval/schema.json" ]]; then
+stamp="$(cksum < "$HERE/demo_data.py") ${DEMO_DATA_FLAGS:-}"
+if [[ ! -f "$DEMO_DIR/eval/schema.json" || "$(cat "$DEMO_DIR/.stamp" 2>/dev/null)" != "$stamp" ]]
+then
   "$PY" "$HERE/demo_data.py" --out "$DEMO_DIR" ${DEMO_DATA_FLAGS:-}
+  printf '%s' "$stamp" > "$DEMO_DIR/.stamp"
 fi
 workers=$(( $(nproc) < 8 ? $(nproc) : 8 ))
 rm -rf "$OUT_DIR/ckpt"
