@@ -249,9 +249,8 @@ class HyFormerBlock(nn.Module):
         queries, encoded_seqs = [], []
         for i, (enc, attn, seq) in enumerate(zip(self.encoders, self.cross_attns, seqs)):
             encoded = [enc(s, n) for s, n in zip(seq.tokens, seq.lens)]
-            seq = BucketedSeq(seq.buckets, [s for s, _ in encoded], [n for _, n in encoded])
-            queries.append(seq.buckets.merge([attn(qb, s, n) for qb, s, n in zip(
-                seq.buckets.split(q[:, i]), seq.tokens, seq.lens)]))
+            seq = seq._replace(tokens=[s for s, _ in encoded], lens=[n for _, n in encoded])
+            queries.append(seq.per_row(lambda s, n, qb: attn(qb, s, n), q[:, i]))
             encoded_seqs.append(seq)
         q = torch.stack(queries, dim=1)
         if self.ns_feature_cross is not None:
@@ -566,8 +565,7 @@ class PCVRHyFormer(nn.Module):
     def _forward_impl(self, batch: Mapping[str, torch.Tensor], input_dropout: bool) -> ModelOutput:
         ns, aux, sample_weight = self._ns_tokens(batch)
         seqs = self._sequence_tokens(batch)
-        pooled = torch.stack([seq.buckets.merge([masked_mean(s, valid_mask(n, s.shape[1]))
-                                                 for s, n in zip(seq.tokens, seq.lens)])
+        pooled = torch.stack([seq.per_row(lambda s, n: masked_mean(s, valid_mask(n, s.shape[1])))
                               for seq in seqs], dim=1)
         q = self.query_generator(ns, pooled)  # [B, S, Nq, D], from the undropped tokens
         if input_dropout:

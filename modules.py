@@ -18,7 +18,7 @@ from the reference, both for speed:
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -219,11 +219,22 @@ class BucketedSeq(NamedTuple):
     """One domain's sequence tokens, per ``RowBuckets`` bucket.
 
     ``tokens[j]`` ``[rows_j, L_j, D]`` and ``lens[j]`` ``[rows_j]`` hold bucket j's rows
-    (``buckets.split`` order); per-row results go back to batch order with ``buckets.merge``.
+    (``buckets.split`` order); ``per_row`` computes per-row results and restores batch order.
     """
     buckets: RowBuckets
     tokens: List[torch.Tensor]
     lens: List[torch.Tensor]
+
+    def per_row(self, fn: Callable[..., torch.Tensor], *row_inputs: torch.Tensor
+                ) -> torch.Tensor:
+        """``fn(tokens_j, lens_j, *inputs_j)`` per bucket, merged back into batch order.
+
+        ``row_inputs``: ``[B, ...]`` tensors, split into the buckets' rows like the tokens;
+        ``fn`` returns one result per row of its bucket. Returns ``[B, ...]``.
+        """
+        splits = [self.buckets.split(x) for x in row_inputs]
+        return self.buckets.merge([fn(s, n, *xs) for s, n, *xs
+                                   in zip(self.tokens, self.lens, *splits)])
 
 
 # ----------------------------------------------------------------------------- attention
@@ -675,7 +686,7 @@ class TargetAwareAttentionHead(nn.Module):
              + F.linear(s * t.unsqueeze(1), w_p))
         return self.score_out(F.silu(z)).squeeze(-1)  # [B, L]
 
-    def _summary(self, t: torch.Tensor, s: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def _summary(self, s: torch.Tensor, n: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``[t, mean, last, context]`` ``[B, 4D]`` of one domain (or bucket)."""
         valid = valid_mask(n, s.shape[1])
         nonempty = (n > 0).to(s.dtype).unsqueeze(-1)
@@ -687,8 +698,7 @@ class TargetAwareAttentionHead(nn.Module):
 
     def forward(self, h: torch.Tensor, target: torch.Tensor,
                 seqs: Sequence[BucketedSeq]) -> torch.Tensor:
-        summaries = [seq.buckets.merge([self._summary(t, s, n) for t, s, n in zip(
-            seq.buckets.split(target), seq.tokens, seq.lens)]) for seq in seqs]
+        summaries = [seq.per_row(self._summary, target) for seq in seqs]
         r, g = self.out(torch.cat(summaries, dim=-1)).chunk(2, dim=-1)
         return h + r * torch.sigmoid(g)
 
