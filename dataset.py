@@ -104,7 +104,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+import kernels
 from config import DataConfig, parse_seq_max_lens
+from kernels import EventOrder
 from schema import (ACTIVITY_DOMAINS, ACTIVITY_FIDS, ACTIVITY_WINDOWS_S, PAIR_FIDS,
                     TIME_BUCKET_BOUNDARIES, FeatureLayout, FeatureSpec, SeqDomainSpec, load_schema)
 
@@ -121,7 +123,7 @@ ID_MAX = int(np.iinfo(ID_DTYPE).max)
 # _RELEASE: every reference to a record batch is dropped before the next one is decoded, so
 # Arrow's allocator reuses its memory at once; held during the conversion, it would be
 # returned to the OS meanwhile and faulted in afresh (~15% of the reading time).
-_PAD = np.int64(1 << 40)  # event index of a padding position: never below a list length
+_PAD = np.int64(kernels.PAD)  # event index of a padding position: never below a length
 _WINDOWS = np.asarray(ACTIVITY_WINDOWS_S, dtype=np.int64)
 
 log = logging.getLogger(__name__)
@@ -368,37 +370,14 @@ def _ragged(arr: pa.Array) -> _Ragged:
     return _Ragged(starts, lens, vals)
 
 
-class _Scratch:
-    """Work arrays reused from batch to batch: fresh [B, L] temporaries cost more (memory
-    traffic, page faults) than the arithmetic done on them."""
-
-    def __init__(self) -> None:
-        self._arrays: Dict[str, np.ndarray] = {}
-
-    def __call__(self, name: str, shape: Tuple[int, ...], dtype: type) -> np.ndarray:
-        """An uninitialised C-contiguous ``shape`` array (a view of a kept buffer)."""
-        size = math.prod(shape)
-        a = self._arrays.get(name)
-        if a is None or a.size < size or a.dtype != dtype:
-            a = self._arrays[name] = np.empty(size, dtype)
-        return a[:size].reshape(shape)
-
-
-def _positions(r: _Ragged, idx: np.ndarray, scratch: Optional[_Scratch] = None,
-               name: str = "") -> Tuple[np.ndarray, np.ndarray]:
+def _positions(r: _Ragged, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(mask [B, W], flat positions [B, W]) of event ``idx[b, j]`` of each row of ``r``.
 
     ``idx`` is [B, W] or [1, W]; ``mask`` is ``idx < lens``; masked-out positions are clamped
-    into range, so they can be gathered and then zeroed. With ``scratch`` the two arrays are
-    its ``name/pos`` and ``name/mask`` work arrays.
+    into range, so they can be gathered and then zeroed.
     """
-    shape = (r.starts.size, idx.shape[1])
-    pos = scratch(name + "/pos", shape, np.int64) if scratch else np.empty(shape, np.int64)
-    mask = scratch(name + "/mask", shape, np.bool_) if scratch else np.empty(shape, np.bool_)
-    np.add(r.starts[:, None], idx, out=pos)
-    np.minimum(pos, max(r.values.size - 1, 0), out=pos)
-    np.less(idx, r.lens[:, None], out=mask)
-    return mask, pos
+    pos = np.minimum(r.starts[:, None] + idx, max(r.values.size - 1, 0))
+    return np.less(idx, r.lens[:, None]), pos
 
 
 def _take(values: np.ndarray, mask: np.ndarray, pos: np.ndarray, dtype: type,
@@ -446,10 +425,12 @@ def _first(r: _Ragged) -> np.ndarray:
     return r.values.take(np.minimum(r.starts, r.values.size - 1)) * (r.lens > 0)
 
 
-def head_order(n: np.ndarray, max_len: int) -> np.ndarray:
-    """int64 [B, L]: event indices of the first ``max_len`` stored events, ``_PAD`` after."""
-    pos = np.arange(max_len, dtype=np.int64)
-    return np.where(pos < np.minimum(n, max_len)[:, None], pos, _PAD)
+def head_order(n: np.ndarray, max_len: int) -> EventOrder:
+    """The first ``max_len`` stored events of each row (lengths ``n``)."""
+    kept = np.minimum(n, max_len)
+    pos = np.arange(max_len, dtype=np.int32)
+    return EventOrder(np.where(pos < kept[:, None], pos, kernels.PAD), kept,
+                      np.zeros_like(kept), np.ones_like(kept))
 
 
 def _pair_flags(key: np.ndarray, n: np.ndarray, compare: np.ufunc) -> np.ndarray:
@@ -520,11 +501,12 @@ def order_counts(key: np.ndarray, n: np.ndarray) -> Tuple[np.ndarray, np.ndarray
 
 
 def recent_order(key: np.ndarray, n: np.ndarray, max_len: int,
-                 counts: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
-    """Event indices of the ``max_len`` most recent events per row, newest first.
+                 counts: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> EventOrder:
+    """The ``max_len`` most recent events of each row, newest first.
 
     Ties keep stored order. Rows stored newest first (keys never increase) or oldest first
-    (keys never decrease) are handled without sorting; the rest share one ``lexsort``.
+    with no ties are runs (``EventOrder.step`` +1 / -1) found without sorting; oldest-first
+    rows with ties are reversed run by run, and the rest share one ``lexsort``.
 
     Args:
         key: int64 [sum(n)], every row's event timestamps in stored order (0 = missing).
@@ -532,18 +514,22 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int,
         max_len: L.
         counts: ``order_counts(key, n)`` when already known.
     Returns:
-        int64 [B, L]: stored event index per kept position, ``_PAD`` after the last one.
+        The kept events; ``idx`` is [B, L] with ``PAD`` after each row's last event.
     """
     n_rise, n_fall = order_counts(key, n) if counts is None else counts
     p = np.arange(max_len, dtype=np.int64)
+    kept = np.minimum(n, max_len)
     ascending = (n_rise > 0) & (n_fall == 0)
     strict = ascending & (n_rise == n - 1)  # no ties: the plain reversal
+    mixed = (n_rise > 0) & (n_fall > 0)
+    step = np.where(strict, -1, np.where(ascending | mixed, 0, 1))
+    first = np.where(strict, n - 1, 0)
     idx = np.where(strict[:, None], (n - 1)[:, None] - p, p)
-    np.copyto(idx, _PAD, where=p >= np.minimum(n, max_len)[:, None])
+    np.copyto(idx, _PAD, where=p >= kept[:, None])
     tied = np.flatnonzero(ascending & ~strict)
     if tied.size:
         idx[tied] = _stable_reverse(key, n, tied, max_len)
-    rows = np.flatnonzero((n_rise > 0) & (n_fall > 0))
+    rows = np.flatnonzero(mixed)
     if rows.size:
         n_o = n[rows]
         row_of = np.repeat(rows, n_o)
@@ -551,19 +537,7 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int,
         order = np.lexsort((-key[(np.cumsum(n) - n)[row_of] + j], row_of))  # newest first
         sel = j < max_len  # rank within the row equals j: rows keep their segment layout
         idx[row_of[sel], j[sel]] = j[order[sel]]
-    return idx
-
-
-def _hour_of_week(ts: np.ndarray, offset_s: int, out: Optional[np.ndarray] = None,
-                  work: Optional[np.ndarray] = None) -> np.ndarray:
-    """int64: hour of the week 0..167 (0 = Monday 00:00) of Unix seconds shifted by
-    ``offset_s``, into ``out`` when given (``work``: a scratch array of the same shape)."""
-    h = np.add(ts, offset_s + 3 * 86400, out=out)  # 1970-01-01 was a Thursday
-    h //= 3600
-    week = np.floor_divide(h, 168, out=work)
-    week *= 168
-    h -= week  # h % 168, without numpy's integer remainder (several times slower)
-    return h
+    return EventOrder(idx.astype(np.int32), kept, first, step)
 
 
 # Hour of the week h -> hour id h % 24 + 1 and day-of-week id h // 24 + 1 (1-based: 0 is
@@ -571,11 +545,10 @@ def _hour_of_week(ts: np.ndarray, offset_s: int, out: Optional[np.ndarray] = Non
 _NO_HOUR = 168
 _HOUR_IDS = np.append(np.arange(168) % 24 + 1, 0).astype(ID_DTYPE)
 _DAY_IDS = np.append(np.arange(168) // 24 + 1, 0).astype(ID_DTYPE)
-# Time bucket id of an age in seconds = the number of these edges below it: 1..63 for every
-# age of a real event (ages <= 5 s, negative ones too, are bucket 1; ages beyond the last
-# edge share bucket 63), 0 for the _NO_AGE marker of a missing timestamp or padding.
-_NO_AGE = np.iinfo(np.int64).min
-_BUCKET_EDGES = np.array((_NO_AGE,) + TIME_BUCKET_BOUNDARIES[:-1], dtype=np.int64)
+# Time bucket id of a real event's age in seconds = 1 + the number of these edges below it:
+# 1..63 (ages <= 5 s, negative ones too, are bucket 1; ages beyond the last edge share bucket
+# 63); 0 is a missing timestamp or padding (``kernels.time_features``).
+_BUCKET_EDGES = np.array(TIME_BUCKET_BOUNDARIES[:-1], dtype=np.int64)
 
 
 def _window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray) -> np.ndarray:
@@ -687,7 +660,6 @@ class BatchConverter:
         self._stat = {name: k for k, name in enumerate(self.stat_names)}
         self._pairs = _pairs(layout)
         self._activity = {s.fid: s.offset for s in layout.user_dense if _is_activity(layout, s)}
-        self._scratch = _Scratch()
         # group -> (specs, vocab per position, first position per spec, oov stat or -1 per spec)
         self._int_plans = {}
         for key, specs in (("user_int_feats", layout.user_int),
@@ -743,7 +715,7 @@ class BatchConverter:
             cols[d.column] = cols[d.column]._replace(lens=short)
 
         ts = cols["timestamp"].values.astype(np.int64)
-        hours = _hour_of_week(ts, self.offset_s)
+        hours = kernels.hour_of_week(ts, self.offset_s)
         if self.missing_as_padding:
             hours[ts <= 0] = _NO_HOUR
             out["hour"][rows], out["dayofweek"][rows] = _HOUR_IDS[hours], _DAY_IDS[hours]
@@ -827,57 +799,28 @@ class BatchConverter:
             if key.size and key.min() < 0:  # missing or <= 0 timestamps: 0, the oldest
                 key = np.maximum(key, 0)
         counts = order_counts(key, n) if key is not None else None
-        idx = recent_order(key, n, width, counts) if key is not None and self.keep_recent \
+        order = recent_order(key, n, width, counts) if key is not None and self.keep_recent \
             else head_order(n, width)
 
-        B, scratch = n.size, self._scratch
-        cache: List[Tuple[_Ragged, Tuple[np.ndarray, np.ndarray]]] = []
-
-        def where(r: _Ragged) -> Tuple[np.ndarray, np.ndarray]:
-            """Positions of ``r``; shared by the columns with the same offsets (the rule)."""
-            for prev, found in cache:
-                if np.array_equal(prev.starts, r.starts) and np.array_equal(prev.lens, r.lens):
-                    return found
-            cache.append((r, _positions(r, idx, scratch, f"{d.name}/{len(cache)}")))
-            return cache[-1][1]
-
-        # Straight into ``out`` when ``rows`` is a slice; else into scratch, then scattered.
+        # Every row of every history tensor is written whole (zeros after ``width``), into
+        # ``out``'s rows ``rows``: a slice of the batch or the shuffle buffer's free slots.
         direct = isinstance(rows, slice)
-        targets = {k: out[k][rows, ..., :width] if direct else
-                   scratch(k, (B,) + out[k].shape[1:-1] + (width,), ID_DTYPE)
-                   for k in (d.name + s for s in HISTORY_SUFFIXES)}
-        seq, ids = targets[d.name], scratch(f"{d.name}/ids", (B, width), np.int64)
+        out_rows = None if direct else np.asarray(rows, dtype=np.int64)
+        seq = out[d.name][rows] if direct else out[d.name]
         for s, r in zip(d.side, sides):
-            dst = seq[:, s.offset]
             if s.vocab_size == 0:  # no vocabulary: the feature is 0
-                dst[...] = 0
+                seq[out_rows if out_rows is not None else slice(None), s.offset] = 0
                 continue
-            _take(r.values, *where(r), np.int64, out=ids)
-            np.clip(ids, 0, s.vocab_size, out=dst)  # ids <= 0 -> 0, OOV -> vocab
-            if dst.size and dst.max() == s.vocab_size:  # count only when there is one
-                stats[self._stat[f"oov/{s.column}"]] += np.count_nonzero(dst == s.vocab_size)
-
+            stats[self._stat[f"oov/{s.column}"]] += kernels.gather_ids(
+                r.values, r.starts, r.lens, order, s.vocab_size, seq[:, s.offset], out_rows)
+        times = [out[d.name + s][rows] if direct else out[d.name + s]
+                 for s in HISTORY_SUFFIXES[1:]]
         if ts_col is None:  # no timestamps: no time bucket, hour or day of week
-            for suffix in HISTORY_SUFFIXES[1:]:
-                targets[d.name + suffix][...] = 0
+            for t in times:
+                t[out_rows if out_rows is not None else slice(None)] = 0
         else:
-            ts = _take(ts_col.values, *where(ts_col), np.int64,
-                       out=scratch(f"{d.name}/ts", (B, width), np.int64))
-            missing = np.less_equal(ts, 0, out=scratch(f"{d.name}/missing", (B, width), np.bool_))
-            age = np.subtract(ts_row[:, None], ts, out=scratch(f"{d.name}/age", (B, width),
-                                                                  np.int64))
-            np.copyto(age, _NO_AGE, where=missing)
-            targets[f"{d.name}_time_bucket"][...] = np.searchsorted(_BUCKET_EDGES, age)
-            hours = _hour_of_week(ts, self.offset_s, out=age, work=ids)
-            np.copyto(hours, _NO_HOUR, where=missing)
-            _HOUR_IDS.take(hours, out=targets[f"{d.name}_hour"], mode="clip")
-            _DAY_IDS.take(hours, out=targets[f"{d.name}_dayofweek"], mode="clip")
-        if not direct:
-            for k, block in targets.items():
-                out[k][rows, ..., :width] = block
-        if width < out[d.name].shape[-1]:
-            for k in targets:
-                out[k][rows, ..., width:] = 0
+            kernels.time_features(ts_col.values, ts_col.starts, ts_col.lens, order, ts_row,
+                                  self.offset_s, _BUCKET_EDGES, *times, out_rows=out_rows)
 
         if activity:  # fid 900 + k: history length; 904 + 3k ..: the windows' counts
             k = ACTIVITY_DOMAINS.index(d.name)

@@ -1,8 +1,10 @@
 """dataset.py: the golden example, vectorised conversion against a per-row reference, bad
 input, splits, shuffling and workers."""
 import bisect
+import contextlib
 import math
 import os
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dataset
+import kernels
 from _parquet_util import (GOLDEN_SCHEMA, GOLDEN_SEQ_MAX_LENS, INT_LIST, T, TINY_SCHEMA,
                            TINY_SEQ_MAX_LENS, golden_table, tiny_table, varied_table,
                            write_dataset)
@@ -308,8 +311,25 @@ def to_table(rows):
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=prop_rows(), keep=st.sampled_from(["recent", "first"]), pad=st.booleans(),
-       tz=st.sampled_from([0.0, 8.0, -3.5]), labels=st.booleans())
-def test_conversion_matches_per_row_reference(rows, keep, pad, tz, labels):
+       tz=st.sampled_from([0.0, 8.0, -3.5]), labels=st.booleans(), compiled=st.booleans())
+def test_conversion_matches_per_row_reference(rows, keep, pad, tz, labels, compiled):
+    """Both the compiled kernels and their numpy fallback (``compiled=False``)."""
+    with kernel_mode(compiled):
+        check_conversion(rows, keep, pad, tz, labels)
+
+
+@contextlib.contextmanager
+def kernel_mode(compiled):
+    """The conversion with the compiled kernels, or with their numpy fallback."""
+    if compiled:
+        assert kernels.library() is not None
+        yield
+    else:
+        with mock.patch.object(kernels, "library", lambda: None):
+            yield
+
+
+def check_conversion(rows, keep, pad, tz, labels):
     cfg = dict(seq_keep=keep, user_abs_time_missing_as_padding=pad, time_zone_offset_hours=tz)
     table = to_table(rows)
     got, conv = convert(table, PROP_SCHEMA, PROP_LENS, read_labels=labels, **cfg)
@@ -339,6 +359,52 @@ def test_conversion_matches_per_row_reference(rows, keep, pad, tz, labels):
     np.testing.assert_array_equal(buf["data_stats"], got["data_stats"])
 
 
+def random_order(rng, n, width):
+    """An EventOrder over rows of lengths ``n``: runs both ways and explicit index rows."""
+    kept = np.minimum(n, width)
+    step = rng.choice([-1, 0, 1], size=n.size)
+    first = np.where(step < 0, n - 1, 0)
+    p = np.arange(width)
+    idx = np.where(step[:, None] < 0, (n - 1)[:, None] - p, p)
+    for b in np.flatnonzero(step == 0):  # any distinct events of the row
+        idx[b, :kept[b]] = rng.permutation(n[b])[:kept[b]]
+    idx = np.where(p < kept[:, None], idx, kernels.PAD).astype(np.int32)
+    return kernels.EventOrder(idx, kept, first, step)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_kernels_match_numpy(seed):
+    """Large ragged rows (prefetching, runs both ways, explicit indices), columns shorter than
+    the domain, out-of-range ids, timestamps <= 0, scattered output rows over stale values."""
+    assert kernels.library() is not None, "the C kernels must compile where the tests run"
+    rng = np.random.default_rng(seed)
+    B, width, vocab, now = 40, 64, 50, 1_700_000_000
+    n = rng.integers(0, 300, B)
+    n[:3] = [0, 1, width]
+    order = random_order(rng, n, width)
+    lens = np.where(rng.random(B) < 0.2, rng.integers(0, 300, B) % (n + 1), n)
+    starts = np.cumsum(lens) - lens
+    values = rng.integers(-3, vocab + 5, int(lens.sum()))
+    ts = np.where(rng.random(values.size) < 0.1, rng.integers(-9, 1, values.size),
+                  now - rng.integers(0, 400 * 86400, values.size))
+    ts_row = now + rng.integers(-100, 100, B)
+    rows = rng.permutation(2 * B)[:B]
+    results = []
+    for compiled in (True, False):
+        with kernel_mode(compiled):
+            ids = np.full((2 * B, width + 3), 77, np.int32)
+            times = [np.full((2 * B, width + 3), 77, np.int32) for _ in range(3)]
+            oov = kernels.gather_ids(values, starts, lens, order, vocab, ids, rows)
+            kernels.time_features(ts, starts, lens, order, ts_row, 8 * 3600,
+                                  dataset._BUCKET_EDGES, *times, out_rows=rows)
+            results.append((oov, ids, *times))
+    assert results[0][0] == results[1][0] > 0
+    for got, want in zip(results[0][1:], results[1][1:]):
+        np.testing.assert_array_equal(got, want)
+    assert (results[0][1][np.setdiff1d(np.arange(2 * B), rows)] == 77).all()  # untouched
+    assert not results[0][1][rows, width:].any()  # zeroed beyond the kept width
+
+
 def history_keys(layout):
     return {d.name + s for d in layout.seq for s in HISTORY_SUFFIXES}
 
@@ -363,11 +429,11 @@ def test_recent_order_classes():
             [5, 5, 5, 6, 7], [1, 2, 2, 3]]
     n = np.array([len(r) for r in rows])
     key = np.array([x for r in rows for x in r], dtype=np.int64)
-    idx = recent_order(key, n, 4)
+    idx = recent_order(key, n, 4).idx
     want = [[0, 1, 2, 3], [2, 1, 0], [5, 2, 0, 3], [], [0], [2, 3, 0, 1], [4, 3, 0, 1],
             [3, 1, 2, 0]]
     for got_row, w in zip(idx.tolist(), want):
-        assert got_row[:len(w)] == w and all(x >= 1 << 40 for x in got_row[len(w):])
+        assert got_row[:len(w)] == w and all(x == kernels.PAD for x in got_row[len(w):])
 
 
 @st.composite
@@ -387,10 +453,10 @@ def event_rows(draw):
 def test_recent_order_is_a_stable_sort(rows, max_len):
     n = np.array([len(r) for r in rows], dtype=np.int64)
     key = np.array([x for r in rows for x in r], dtype=np.int64)
-    idx = recent_order(key, n, max_len)
+    idx = recent_order(key, n, max_len).idx
     for got_row, r in zip(idx.tolist(), rows):
         want = sorted(range(len(r)), key=lambda j: -r[j])[:max_len]
-        assert got_row == want + [1 << 40] * (max_len - len(want))
+        assert got_row == want + [kernels.PAD] * (max_len - len(want))
 
 
 @st.composite
