@@ -9,8 +9,9 @@ with ``BatchConverter`` and, when training, shuffles rows through a buffer of
 ``DataStats`` sums the repair counters that every batch carries.
 
 The conversion never loops over rows in Python: every list column is handled through its Arrow
-offsets and flattened values with numpy (gathers on index matrices, per-row segment sums and
-binary searches, one ``lexsort`` for the rows whose histories are stored in no time order).
+offsets and flattened values, with numpy (per-row segment sums, binary searches) and, for the
+history tensors, the compiled loops of ``kernels.py`` (one read and one write per kept event;
+numpy fallbacks where no C compiler exists).
 
 Batch dict (B rows; F_d side features in domain d; L_d = the longest kept history among the
 batch's rows, at least 1 and at most ``max_len``; every tensor is contiguous):
@@ -506,7 +507,7 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int,
 
     Ties keep stored order. Rows stored newest first (keys never increase) or oldest first
     with no ties are runs (``EventOrder.step`` +1 / -1) found without sorting; oldest-first
-    rows with ties are reversed run by run, and the rest share one ``lexsort``.
+    rows with ties are reversed run by run, and the rest are sorted (``kernels.newest_first``).
 
     Args:
         key: int64 [sum(n)], every row's event timestamps in stored order (0 = missing).
@@ -529,15 +530,11 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int,
     tied = np.flatnonzero(ascending & ~strict)
     if tied.size:
         idx[tied] = _stable_reverse(key, n, tied, max_len)
+    idx = idx.astype(np.int32)
     rows = np.flatnonzero(mixed)
     if rows.size:
-        n_o = n[rows]
-        row_of = np.repeat(rows, n_o)
-        j = np.arange(int(n_o.sum()), dtype=np.int64) - np.repeat(np.cumsum(n_o) - n_o, n_o)
-        order = np.lexsort((-key[(np.cumsum(n) - n)[row_of] + j], row_of))  # newest first
-        sel = j < max_len  # rank within the row equals j: rows keep their segment layout
-        idx[row_of[sel], j[sel]] = j[order[sel]]
-    return EventOrder(idx.astype(np.int32), kept, first, step)
+        kernels.newest_first(key, n, rows, idx)
+    return EventOrder(idx, kept, first, step)
 
 
 # Hour of the week h -> hour id h % 24 + 1 and day-of-week id h // 24 + 1 (1-based: 0 is

@@ -52,9 +52,9 @@ static inline void prefetch_row(const Order *o, const int64_t *values, int64_t b
     if (o->step[b] != 0) {
         const char *p = (const char *)(v + (o->step[b] > 0 ? o->first[b] : o->first[b] - m + 1));
         for (int64_t k = 0; k < m * 8; k += 64) __builtin_prefetch(p + k);
-    } else {  /* sorted rows are nearly runs: one event in eight finds every line */
+    } else {  /* every event: the row may be in any order */
         const int32_t *ix = o->idx + b * o->width;
-        for (int64_t p = 0; p < m; p += 8)
+        for (int64_t p = 0; p < m; ++p)
             if (ix[p] < o->lens[b]) __builtin_prefetch(v + ix[p]);
     }
 }
@@ -151,6 +151,69 @@ void time_features(const int64_t *ts, Order o, const int64_t *ts_row, int64_t sh
         }
     }
 }
+/* Newest-first order of unsorted rows: for each row r of rows, idx[r, 0 .. m) = the indices of
+   its m = min(n[r], width) most recent events (key descending, ties in stored order), PAD
+   after. Keys are compared as (key descending, index ascending), a total order, so a
+   quickselect of the m first then a sort of those m gives exactly the stable sort's head.
+   scratch: room for 2 * max(n) int64. */
+typedef struct { int64_t key, i; } Event;
+
+static inline int before(Event a, Event b) {  /* a sorts before b */
+    return a.key > b.key || (a.key == b.key && a.i < b.i);
+}
+
+static void select_head(Event *e, int64_t n, int64_t m) {  /* e[0 .. m) = the m first */
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int64_t mid = lo + ((hi - lo) >> 1);
+        Event a = e[lo], b = e[mid], c = e[hi], pivot;  /* median of three */
+        if (before(a, b)) pivot = before(b, c) ? b : (before(a, c) ? c : a);
+        else pivot = before(a, c) ? a : (before(b, c) ? c : b);
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (before(e[i], pivot)) ++i;
+            while (before(pivot, e[j])) --j;
+            if (i <= j) { Event t = e[i]; e[i] = e[j]; e[j] = t; ++i; --j; }
+        }
+        if (m - 1 <= j) hi = j; else if (m - 1 >= i) lo = i; else return;
+    }
+}
+
+static void sort_events(Event *e, Event *tmp, int64_t n) {  /* merge sort */
+    if (n < 2) return;
+    if (n <= 16) {
+        for (int64_t i = 1; i < n; ++i) {
+            Event x = e[i];
+            int64_t j = i;
+            for (; j > 0 && before(x, e[j - 1]); --j) e[j] = e[j - 1];
+            e[j] = x;
+        }
+        return;
+    }
+    const int64_t h = n >> 1;
+    sort_events(e, tmp, h);
+    sort_events(e + h, tmp, n - h);
+    int64_t a = 0, b = h, k = 0;
+    while (a < h && b < n) tmp[k++] = before(e[b], e[a]) ? e[b++] : e[a++];
+    while (a < h) tmp[k++] = e[a++];
+    while (b < n) tmp[k++] = e[b++];
+    for (k = 0; k < n; ++k) e[k] = tmp[k];
+}
+
+void newest_first(const int64_t *key, const int64_t *seg, const int64_t *n,
+                  const int64_t *rows, int64_t n_rows, int64_t width, int32_t pad,
+                  int32_t *idx, Event *scratch) {
+    for (int64_t k = 0; k < n_rows; ++k) {
+        const int64_t r = rows[k], len = n[r], m = len < width ? len : width;
+        const int64_t *v = key + seg[r];
+        Event *e = scratch, *tmp = scratch + len;
+        for (int64_t i = 0; i < len; ++i) { e[i].key = v[i]; e[i].i = i; }
+        if (m < len) select_head(e, len, m);
+        sort_events(e, tmp, m);
+        int32_t *out = idx + r * width;
+        for (int64_t p = 0; p < width; ++p) out[p] = p < m ? (int32_t)e[p].i : pad;
+    }
+}
 """
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -212,6 +275,8 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     lib.gather_ids.restype = _I64
     lib.gather_ids.argtypes = [_PTR, _Order, _I64, _PTR, _I64, _I64, _PTR]
+    lib.newest_first.restype = None
+    lib.newest_first.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_int32, _PTR, _PTR]
     lib.time_features.restype = None
     lib.time_features.argtypes = [_PTR, _Order, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64,
                                   _I64, _PTR]
@@ -299,6 +364,36 @@ def gather_ids(values: np.ndarray, starts: np.ndarray, lens: np.ndarray, order: 
     c = _c_order(order, starts, lens, keep)
     return int(lib.gather_ids(keep[0].ctypes.data, c, int(vocab), out.ctypes.data, stride,
                               out.shape[1], None if rows is None else rows.ctypes.data))
+
+
+def newest_first(key: np.ndarray, n: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> None:
+    """Writes the newest-first order of rows stored in no time order into ``idx``.
+
+    Args:
+        key: int64 [sum(n)], every row's event timestamps in stored order.
+        n: int64 [B], events per row.
+        rows: int64 [R], the rows to order.
+        idx: int32 [B, W]; row r gets the indices of its min(n[r], W) most recent events,
+            newest first, ties in stored order, then ``PAD``.
+    """
+    key, n, rows = _i64(key), _i64(n), _i64(rows)
+    width = idx.shape[1]
+    if idx.dtype != np.int32 or not idx.flags.c_contiguous or idx.shape[0] != n.size:
+        raise ValueError("idx must be a C-contiguous int32 [B, W] array")
+    seg = np.cumsum(n) - n
+    lib = library()
+    if lib is None:
+        n_o = n[rows]
+        row_of = np.repeat(rows, n_o)
+        j = np.arange(int(n_o.sum()), dtype=np.int64) - np.repeat(np.cumsum(n_o) - n_o, n_o)
+        order = np.lexsort((-key[seg[row_of] + j], row_of))  # newest first, stable
+        sel = j < width  # rank within the row equals j: rows keep their segment layout
+        idx[rows] = PAD
+        idx[row_of[sel], j[sel]] = j[order[sel]]
+        return
+    scratch = np.empty(4 * int(n[rows].max(initial=0)), np.int64)  # 2 * max(n) events
+    lib.newest_first(key.ctypes.data, seg.ctypes.data, n.ctypes.data, rows.ctypes.data,
+                     rows.size, width, int(PAD), idx.ctypes.data, scratch.ctypes.data)
 
 
 def time_features(ts: np.ndarray, starts: np.ndarray, lens: np.ndarray, order: EventOrder,

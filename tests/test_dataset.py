@@ -405,6 +405,30 @@ def test_compiled_kernels_match_numpy(seed):
     assert not results[0][1][rows, width:].any()  # zeroed beyond the kept width
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_newest_first_of_long_unsorted_rows_is_a_stable_sort(seed):
+    """Rows long enough for the compiled selection and merge sort, with many ties; rows not
+    listed are left alone."""
+    rng = np.random.default_rng(seed)
+    B = 30
+    n = rng.integers(0, 700, B)
+    key = rng.integers(0, 40, int(n.sum()))
+    rows = np.flatnonzero(rng.random(B) < 0.7)
+    seg = np.cumsum(n) - n
+    for width in (1, 17, 64, 800):
+        for compiled in (True, False):
+            idx = np.full((B, width), 5, np.int32)
+            with kernel_mode(compiled):
+                kernels.newest_first(key, n, rows, idx)
+            for r in range(B):
+                if r not in rows:
+                    assert (idx[r] == 5).all()
+                    continue
+                k = key[seg[r]:seg[r] + n[r]]
+                want = sorted(range(n[r]), key=lambda j: (-k[j], j))[:width]
+                assert idx[r].tolist() == want + [kernels.PAD] * (width - len(want))
+
+
 def history_keys(layout):
     return {d.name + s for d in layout.seq for s in HISTORY_SUFFIXES}
 
