@@ -12,9 +12,11 @@ hash of the source, and loaded with ``ctypes``: no build step, no new dependency
 compiled ahead of time. Where there is no compiler, or ``PCVR_NUMPY_KERNELS=1``, the numpy
 versions run instead; both give identical results (``tests/test_dataset.py`` checks).
 
-Both functions take a column's per-row segments (``starts``, ``lens``), the ``EventOrder``
-of the events each row keeps, and write int32 outputs whose last axis is contiguous, into
-the rows ``out_rows`` when given (how the shuffle buffer is filled without a second copy).
+``gather_ids`` and ``time_features`` take a column's per-row segments (``starts``, ``lens``)
+and the ``EventOrder`` of the events each row keeps, and write int32 outputs whose last axis
+is contiguous, into the rows ``out_rows`` when given (how the shuffle buffer is filled without
+a second copy); ``newest_first`` orders the rows stored in no time order (a top-L selection,
+not a full sort). The library is loaded once per process; DataLoader workers inherit it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -255,18 +258,25 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     digest = hashlib.sha256(C_SOURCE.encode()).hexdigest()[:16]
     folder = _kernel_dir()
-    path = os.path.join(folder, f"conversion_{digest}.so")
+    path = os.path.join(folder, f"conversion_{platform.machine()}_{digest}.so")
     try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        info = os.stat(folder)
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise OSError(f"{folder} is not a folder of this user's alone")
         if not os.path.isfile(path):
-            os.makedirs(folder, exist_ok=True)
             src = os.path.join(folder, f"conversion_{digest}.{os.getpid()}.c")
             tmp = src[:-2] + ".so"
-            with open(src, "w", encoding="utf-8") as fh:
-                fh.write(C_SOURCE)
-            cmd = [os.environ.get("CC", "cc"), "-O3", "-shared", "-fPIC", "-o", tmp, src]
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            os.replace(tmp, path)
-            os.remove(src)
+            try:
+                with open(src, "w", encoding="utf-8") as fh:
+                    fh.write(C_SOURCE)
+                cmd = [os.environ.get("CC", "cc"), "-O3", "-shared", "-fPIC", "-o", tmp, src]
+                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+                os.replace(tmp, path)
+            finally:
+                for leftover in (src, tmp):
+                    if os.path.exists(leftover):
+                        os.remove(leftover)
         lib = ctypes.CDLL(path)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""

@@ -5,7 +5,11 @@
 Builds the run.sh model, saves it as a platform checkpoint, then times ``infer.run_inference``
 on generated data with competition-like history lengths: reading parquet, conversion (in
 DataLoader workers), the float32 forward pass and writing ``predictions.json``.
-The last line is ``rows_per_s <x>``.
+It also prints the arithmetic ceiling of this machine: the model's matrix-product and
+attention FLOPs per row (``torch.utils.flop_counter`` on one batch) against the float32
+matrix-product rate of the CPU (a 2048^3 product), i.e. the rows/s that a forward pass running
+every FLOP at the matrix-product peak would reach. The last line is ``rows_per_s <x>``, end to
+end (model rebuild and loading included).
 """
 from __future__ import annotations
 
@@ -18,13 +22,34 @@ import time
 from common import ROOT, ensure_online_data, peak_rss_gb, seed_flags
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import infer
 from config import parse_config, parse_seq_max_lens
+from dataset import get_eval_loader
 from model import build_model, load_ns_groups
 from schema import NUM_TIME_BUCKETS, load_schema
 from trainer import save_checkpoint
 from utils import set_seed
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 rate of an n x n x n matrix product on this machine, in GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def forward_gflop_per_row(model: torch.nn.Module, batch: dict) -> float:
+    """Matrix-product and attention GFLOP per row of one float32 inference forward pass."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.eval().predict(batch)
+    return counter.get_total_flops() / batch["label"].shape[0] / 1e9
 
 
 def main() -> None:
@@ -46,11 +71,18 @@ def main() -> None:
     ns_groups, ns_path = load_ns_groups(cfg.model.ns_groups_json)
     model = build_model(layout, cfg.model, cfg.decoupling, ns_groups,
                         user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding)
+    batch = next(iter(get_eval_loader(data_dir, layout, cfg.data, args.batch_size, 0)))
+    gflop, peak = forward_gflop_per_row(model, batch), matmul_gflops()
+    print(f"forward {gflop:.3f} GFLOP/row (matrix products and attention); float32 matrix "
+          f"products {peak:.0f} GFLOP/s here: fp32_ceiling_rows_per_s {peak / gflop:.0f}")
     with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".demo_data")) as tmp:
         ckpt = os.path.join(tmp, "global_step0.bench")
         save_checkpoint(ckpt, model.state_dict(), cfg, raw_schema, ns_path,
                         {"num_time_buckets": NUM_TIME_BUCKETS})
         del model
+        t0 = time.perf_counter()
+        infer.load_model(ckpt, infer.load_checkpoint_config(ckpt)[0], data_dir)
+        load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pred = infer.run_inference(ckpt, data_dir, os.path.join(tmp, "out"))
         elapsed = time.perf_counter() - t0
@@ -58,6 +90,8 @@ def main() -> None:
     assert n == pred.user_id.size
     print(f"{n} rows in {elapsed:.2f} s (model rebuild and load included), batch "
           f"{args.batch_size}, {args.num_workers} workers, threads {torch.get_num_threads()}")
+    print(f"model rebuild and load {load_s:.2f} s; without it "
+          f"{n / max(elapsed - load_s, 1e-9):.1f} rows/s")
     print(f"peak_rss_gb {peak_rss_gb():.2f}")
     print(f"rows_per_s {n / elapsed:.2f}")
 

@@ -405,6 +405,17 @@ def test_compiled_kernels_match_numpy(seed):
     assert not results[0][1][rows, width:].any()  # zeroed beyond the kept width
 
 
+def test_kernels_fall_back_to_numpy_without_a_compiler(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PCVR_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    assert kernels.library.__wrapped__() is None
+    assert "using numpy" in caplog.text
+    assert not list((tmp_path / "kernels").iterdir())  # no leftovers
+    monkeypatch.setenv("CC", "cc")
+    assert kernels.library.__wrapped__() is not None  # compiled into the new folder
+    assert any(p.suffix == ".so" for p in (tmp_path / "kernels").iterdir())
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_newest_first_of_long_unsorted_rows_is_a_stable_sort(seed):
     """Rows long enough for the compiled selection and merge sort, with many ties; rows not
