@@ -182,6 +182,11 @@ class TrainConfig:
                                         env="TRAIN_TF_EVENTS_PATH")
     batch_size: int = flag(256, "batch size for training, validation and inference")
     lr: float = flag(1e-4, "AdamW learning rate (dense parameters)")
+    lr_schedule: str = flag("constant", "learning-rate schedule of both optimisers: "
+                            "'constant' (the reference), 'cosine' = cosine decay to 0 over "
+                            "num_epochs", choices=("constant", "cosine"))
+    lr_warmup_steps: int = flag(0, "linear learning-rate warm-up over this many steps (both "
+                                "optimisers; 0 = none)")
     num_epochs: int = flag(6, "maximum number of epochs")
     patience: int = flag(5, "stop after this many validations without a better AUC "
                          "(0 = run every epoch)")

@@ -12,14 +12,14 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import Config, to_flat_dict
+from config import Config, TrainConfig, to_flat_dict
 from utils import (MetricsWriter, ModelEMA, atomic_dir, atomic_write_json, binary_logloss,
                    fmt_metrics, roc_auc, sigmoid_focal_loss)
 
@@ -131,6 +131,35 @@ class TrainResult:
     history: List[Dict[str, float]] = field(default_factory=list)
 
 
+def _epoch_steps(loader: Iterable, batch_size: int) -> Optional[int]:
+    """Optimiser steps per epoch, when the loader knows its rows (``PCVRLoader.num_rows``)."""
+    rows = getattr(loader, "num_rows", None)
+    return None if rows is None else max(1, math.ceil(rows / batch_size))
+
+
+def lr_factor(t: TrainConfig, epoch_steps: Optional[int]) -> Callable[[int], float]:
+    """The learning-rate multiplier of step ``s`` (0-based) for ``LambdaLR``.
+
+    Linear warm-up over ``lr_warmup_steps``, then constant or, for 'cosine', a cosine decay
+    from 1 to 0 over ``num_epochs * epoch_steps`` steps (the total of a run without early
+    stopping; with several DataLoader shards an epoch has a few more, partial batches, whose
+    steps stay at the floor of the decay).
+    """
+    if t.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
+    if t.lr_schedule == "cosine" and epoch_steps is None:
+        raise ValueError("--lr_schedule cosine needs a training loader that knows its rows")
+    total = t.num_epochs * (epoch_steps or 1)
+    warmup = t.lr_warmup_steps
+
+    def factor(step: int) -> float:
+        scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if t.lr_schedule == "cosine":
+            scale *= 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+        return scale
+    return factor
+
+
 class Trainer:
     """Owns the optimisers and the loop; see ``train()``."""
 
@@ -160,6 +189,8 @@ class Trainer:
         torch.sparse.check_sparse_tensor_invariants.disable()
         self.sparse_opt = (torch.optim.Adagrad(self.sparse_params, lr=t.sparse_lr)
                            if self.sparse_params else None)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t, _epoch_steps(
+            train_loader, t.batch_size))) for opt in (self.dense_opt, self.sparse_opt) if opt]
         self.use_bf16 = bool(t.use_bf16_train) and device.type in ("cuda", "cpu")
         self.ema: Optional[ModelEMA] = None
         self.global_step = 0
@@ -202,6 +233,8 @@ class Trainer:
         self.dense_opt.step()
         if self.sparse_opt is not None:
             self.sparse_opt.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         parts["loss/total"] = total.detach()
