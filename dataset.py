@@ -803,18 +803,18 @@ class BatchConverter:
         # ``out``'s rows ``rows``: a slice of the batch or the shuffle buffer's free slots.
         direct = isinstance(rows, slice)
         out_rows = None if direct else np.asarray(rows, dtype=np.int64)
-        seq = out[d.name][rows] if direct else out[d.name]
+        at = slice(None) if direct else out_rows  # this chunk's rows of the views below
+        seq, *times = (out[d.name + s][rows] if direct else out[d.name + s]
+                       for s in HISTORY_SUFFIXES)
         for s, r in zip(d.side, sides):
             if s.vocab_size == 0:  # no vocabulary: the feature is 0
-                seq[out_rows if out_rows is not None else slice(None), s.offset] = 0
+                seq[at, s.offset] = 0
                 continue
             stats[self._stat[f"oov/{s.column}"]] += kernels.gather_ids(
                 r.values, r.starts, r.lens, order, s.vocab_size, seq[:, s.offset], out_rows)
-        times = [out[d.name + s][rows] if direct else out[d.name + s]
-                 for s in HISTORY_SUFFIXES[1:]]
         if ts_col is None:  # no timestamps: no time bucket, hour or day of week
             for t in times:
-                t[out_rows if out_rows is not None else slice(None)] = 0
+                t[at] = 0
         else:
             kernels.time_features(ts_col.values, ts_col.starts, ts_col.lens, order, ts_row,
                                   self.offset_s, _BUCKET_EDGES, *times, out_rows=out_rows)

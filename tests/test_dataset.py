@@ -322,7 +322,8 @@ def test_conversion_matches_per_row_reference(rows, keep, pad, tz, labels, compi
 def kernel_mode(compiled):
     """The conversion with the compiled kernels, or with their numpy fallback."""
     if compiled:
-        assert kernels.library() is not None
+        assert kernels.library() is not None, \
+            "the compiled kernels are unavailable (no C compiler, or PCVR_NUMPY_KERNELS=1)"
         yield
     else:
         with mock.patch.object(kernels, "library", lambda: None):
