@@ -124,7 +124,6 @@ ID_MAX = int(np.iinfo(ID_DTYPE).max)
 # _RELEASE: every reference to a record batch is dropped before the next one is decoded, so
 # Arrow's allocator reuses its memory at once; held during the conversion, it would be
 # returned to the OS meanwhile and faulted in afresh (~15% of the reading time).
-_PAD = np.int64(kernels.PAD)  # event index of a padding position: never below a length
 _WINDOWS = np.asarray(ACTIVITY_WINDOWS_S, dtype=np.int64)
 
 log = logging.getLogger(__name__)
@@ -461,7 +460,7 @@ def _stable_reverse(key: np.ndarray, n: np.ndarray, rows: np.ndarray, max_len: i
     Works on the last ``L`` events of each row only: walking them backwards, a run of equal
     keys covering positions [a, z] holds the stored events [s, s + z - a], where
     ``s = n - 1 - z``, except for a run reaching back past the window, whose start ``s`` is
-    found by a binary search. Returns int64 [len(rows), L] event indices, ``_PAD`` after.
+    found by a binary search. Returns int64 [len(rows), L] event indices, ``kernels.PAD`` after.
     """
     n_r, seg = n[rows], (np.cumsum(n) - n)[rows]
     m = np.minimum(n_r, max_len)
@@ -485,7 +484,7 @@ def _stable_reverse(key: np.ndarray, n: np.ndarray, rows: np.ndarray, max_len: i
             lo, hi = np.where(below, mid + 1, lo), np.where(below, hi, mid)
         edge = z[cut] == (m[cut] - 1)[:, None]
         s[cut] = np.where(edge, lo[:, None], s[cut])
-    return np.where(kept, s + p - a, _PAD)
+    return np.where(kept, s + p - a, kernels.PAD)
 
 
 def order_counts(key: np.ndarray, n: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -526,7 +525,7 @@ def recent_order(key: np.ndarray, n: np.ndarray, max_len: int,
     step = np.where(strict, -1, np.where(ascending | mixed, 0, 1))
     first = np.where(strict, n - 1, 0)
     idx = np.where(strict[:, None], (n - 1)[:, None] - p, p)
-    np.copyto(idx, _PAD, where=p >= kept[:, None])
+    np.copyto(idx, kernels.PAD, where=p >= kept[:, None])
     tied = np.flatnonzero(ascending & ~strict)
     if tied.size:
         idx[tied] = _stable_reverse(key, n, tied, max_len)

@@ -29,7 +29,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -73,6 +73,13 @@ static inline int64_t out_row(const int64_t *out_rows, int64_t b) {
     return out_rows ? out_rows[b] : b;
 }
 
+/* clamp(x, 0, vocab) as an id, counting the out-of-vocabulary ones (== vocab). */
+static inline int32_t store_id(int64_t x, int64_t vocab, int64_t *oov) {
+    x = x < 0 ? 0 : (x > vocab ? vocab : x);
+    *oov += x == vocab;
+    return (int32_t)x;
+}
+
 /* out[row(b), p] = clamp(value of event p of row b, 0, vocab), 0 for padding, for
    p < out_width; returns how many outputs equal vocab (the out-of-vocabulary id). */
 int64_t gather_ids(const int64_t *values, Order o, int64_t vocab, int32_t *out,
@@ -83,35 +90,18 @@ int64_t gather_ids(const int64_t *values, Order o, int64_t vocab, int32_t *out,
         const int64_t *v = values + o.starts[b];
         int32_t *dst = out + out_row(out_rows, b) * out_stride;
         const int64_t m = o.kept[b], f = o.first[b], s = o.step[b];
-        int64_t p = 0, c = 0;
+        int64_t p = 0;
         if (s != 0 && (s > 0 ? f + m - 1 : f) < o.lens[b]) {  /* a run inside the column */
             const int64_t *src = v + f;
-            if (s < 0) {
-                for (; p < m; ++p) {
-                    int64_t x = src[-p];
-                    x = x < 0 ? 0 : (x > vocab ? vocab : x);
-                    c += x == vocab;
-                    dst[p] = (int32_t)x;
-                }
-            } else {
-                for (; p < m; ++p) {
-                    int64_t x = src[p];
-                    x = x < 0 ? 0 : (x > vocab ? vocab : x);
-                    c += x == vocab;
-                    dst[p] = (int32_t)x;
-                }
-            }
+            if (s < 0) for (; p < m; ++p) dst[p] = store_id(src[-p], vocab, &oov);
+            else for (; p < m; ++p) dst[p] = store_id(src[p], vocab, &oov);
         } else {
             for (; p < m; ++p) {
                 const int64_t i = event(&o, b, p);
-                int64_t x = i < 0 ? 0 : v[i];
-                x = x < 0 ? 0 : (x > vocab ? vocab : x);
-                c += x == vocab;
-                dst[p] = (int32_t)x;
+                dst[p] = store_id(i < 0 ? 0 : v[i], vocab, &oov);
             }
         }
         for (; p < out_width; ++p) dst[p] = 0;
-        oov += c;
     }
     return oov;
 }
@@ -303,18 +293,18 @@ def _i64(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def _c_order(order: EventOrder, starts: np.ndarray, lens: np.ndarray,
-             keep: List[np.ndarray]) -> _Order:
-    """The C view of ``order`` for a column; ``keep`` holds the arrays it points into."""
+def _c_order(order: EventOrder, starts: np.ndarray, lens: np.ndarray
+             ) -> Tuple[_Order, List[np.ndarray]]:
+    """The C view of ``order`` for a column, and the arrays it points into (keep them alive
+    through the call)."""
     idx = order.idx
     if idx.dtype != np.int32 or not idx.flags.c_contiguous:
         raise ValueError("EventOrder.idx must be a C-contiguous int32 [B, W] array")
     arrays = [_i64(a) for a in (starts, lens, order.first, order.step, order.kept)]
     if any(a.shape != (idx.shape[0],) for a in arrays):
         raise ValueError("starts, lens and the EventOrder fields must have one entry per row")
-    keep += arrays
     return _Order(*(a.ctypes.data for a in arrays), idx.ctypes.data, idx.shape[0],
-                  idx.shape[1])
+                  idx.shape[1]), arrays
 
 
 def _target(out: np.ndarray, out_rows: Optional[np.ndarray], rows: int) -> int:
@@ -369,10 +359,10 @@ def gather_ids(values: np.ndarray, starts: np.ndarray, lens: np.ndarray, order: 
         block = np.clip(_gathered(values, _i64(starts), _i64(lens), order.idx), 0, vocab)
         _store(out, out_rows, block.astype(np.int32))
         return int(np.count_nonzero(block == vocab))
-    keep: List[np.ndarray] = [_i64(values)]
+    values = _i64(values)
     rows = None if out_rows is None else _i64(out_rows)
-    c = _c_order(order, starts, lens, keep)
-    return int(lib.gather_ids(keep[0].ctypes.data, c, int(vocab), out.ctypes.data, stride,
+    c, _held = _c_order(order, starts, lens)
+    return int(lib.gather_ids(values.ctypes.data, c, int(vocab), out.ctypes.data, stride,
                               out.shape[1], None if rows is None else rows.ctypes.data))
 
 
@@ -438,11 +428,11 @@ def time_features(ts: np.ndarray, starts: np.ndarray, lens: np.ndarray, order: E
                          (hour, h % 24 + 1), (day, h // 24 + 1)):
             _store(out, out_rows, np.where(real, ids, 0).astype(np.int32))
         return
-    keep: List[np.ndarray] = [_i64(ts)]
+    ts = _i64(ts)
     rows = None if out_rows is None else _i64(out_rows)
-    c = _c_order(order, starts, lens, keep)
+    c, _held = _c_order(order, starts, lens)
     shift = int(offset_s) + 3 * 86400  # as in hour_of_week
-    lib.time_features(keep[0].ctypes.data, c, ts_row.ctypes.data, shift, edges.ctypes.data,
+    lib.time_features(ts.ctypes.data, c, ts_row.ctypes.data, shift, edges.ctypes.data,
                       edges.size, bucket.ctypes.data, hour.ctypes.data, day.ctypes.data,
                       stride, bucket.shape[1], None if rows is None else rows.ctypes.data)
 

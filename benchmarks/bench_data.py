@@ -169,5 +169,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"workers_ratio_to_ceiling {ratio['workers']:.3f}")
     print(f"ratio_to_ceiling {ratio['pipeline']:.3f}")
 
+
 if __name__ == "__main__":
     main()
