@@ -25,12 +25,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from config import Config, ConfigError, from_flat_dict, parse_seq_max_lens
-from dataset import DataStats, get_eval_loader
-from model import build_model, load_ns_groups
-from schema import NUM_TIME_BUCKETS, load_schema
-from trainer import Predictions, predict_loader, score_predictions
-from utils import atomic_write_json, create_logger, resolve_device
+from pcvr.config import Config, ConfigError, from_flat_dict, parse_seq_max_lens
+from pcvr.data.convert import DataStats, get_eval_loader
+from pcvr.model.hyformer import build_model, load_ns_groups
+from pcvr.schema import NUM_TIME_BUCKETS, load_schema
+from pcvr.training.trainer import Predictions, predict_loader, score_predictions
+from pcvr.runtime import atomic_write_json, create_logger, resolve_device
 
 log = logging.getLogger("infer")
 
@@ -154,7 +154,7 @@ def _local(argv: Optional[List[str]] = None) -> None:
         metrics = score_predictions(pred)
         line = f"auc {metrics['auc']:.6f} logloss {metrics['logloss']:.6f} rows {pred.logit.size}"
         try:
-            import demo_data
+            import pcvr.demo.generator as demo_data
             oracle = demo_data.oracle_auc(args.data_dir)
             capture = demo_data.effect_capture(args.data_dir, pred.user_id, pred.logit)
         except (ImportError, FileNotFoundError):  # not demo data: no truth sidecar

@@ -11,12 +11,12 @@ import os
 import sys
 from typing import List, Optional
 
-from config import Config, parse_config, parse_seq_max_lens, to_flat_dict
-from dataset import DataStats, get_pcvr_data
-from model import build_model, load_ns_groups
-from schema import NUM_TIME_BUCKETS
-from trainer import Trainer, TrainResult
-from utils import MetricsWriter, count_params, create_logger, resolve_device, set_seed
+from pcvr.config import Config, parse_config, parse_seq_max_lens, to_flat_dict
+from pcvr.data.convert import DataStats, get_pcvr_data
+from pcvr.model.hyformer import build_model, load_ns_groups
+from pcvr.schema import NUM_TIME_BUCKETS
+from pcvr.training.trainer import Trainer, TrainResult
+from pcvr.runtime import MetricsWriter, count_params, create_logger, resolve_device, set_seed
 
 log = logging.getLogger("train")
 

@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import DataConfig, parse_seq_max_lens  # noqa: E402
-from dataset import (PCVRDataset, list_parquet_files, make_loader, required_columns,  # noqa: E402
+from pcvr.config import DataConfig, parse_seq_max_lens  # noqa: E402
+from pcvr.data.convert import (PCVRDataset, list_parquet_files, make_loader, required_columns,  # noqa: E402
                      scan_parquet)
-from schema import load_schema  # noqa: E402
+from pcvr.schema import load_schema  # noqa: E402
 
 
 

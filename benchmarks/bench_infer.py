@@ -25,12 +25,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import infer
-from config import parse_config, parse_seq_max_lens
-from dataset import get_eval_loader
-from model import build_model, load_ns_groups
-from schema import NUM_TIME_BUCKETS, load_schema
-from trainer import save_checkpoint
-from utils import set_seed
+from pcvr.config import parse_config, parse_seq_max_lens
+from pcvr.data.convert import get_eval_loader
+from pcvr.model.hyformer import build_model, load_ns_groups
+from pcvr.schema import NUM_TIME_BUCKETS, load_schema
+from pcvr.training.trainer import save_checkpoint
+from pcvr.runtime import set_seed
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

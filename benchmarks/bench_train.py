@@ -18,12 +18,12 @@ from common import ROOT, ensure_online_data, peak_rss_gb, seed_flags
 
 import torch
 
-from config import parse_config
-from dataset import get_pcvr_data
-from model import build_model, load_ns_groups
-from schema import NUM_TIME_BUCKETS
-from trainer import Trainer
-from utils import count_params, set_seed
+from pcvr.config import parse_config
+from pcvr.data.convert import get_pcvr_data
+from pcvr.model.hyformer import build_model, load_ns_groups
+from pcvr.schema import NUM_TIME_BUCKETS
+from pcvr.training.trainer import Trainer
+from pcvr.runtime import count_params, set_seed
 
 
 def main() -> None:

@@ -55,8 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import DecouplingConfig, add_section_args, section_from_namespace  # noqa: E402
-from decoupling import EntityDecoupler, projection_mlp  # noqa: E402
+from pcvr.config import DecouplingConfig, add_section_args, section_from_namespace  # noqa: E402
+from pcvr.model.decoupling import EntityDecoupler, projection_mlp  # noqa: E402
 
 TEST_K = 10
 VALID_K = 5

@@ -5,8 +5,8 @@ import shlex
 
 import pytest
 
-import config
-from config import (ConfigError, DataConfig, DecouplingConfig, ModelConfig,
+import pcvr.config as config
+from pcvr.config import (ConfigError, DataConfig, DecouplingConfig, ModelConfig,
                     TrainConfig, from_flat_dict, parse_config, parse_seq_max_lens, to_flat_dict)
 
 REFERENCE_FLAGS = """data_dir schema_path ckpt_dir log_dir batch_size lr num_epochs patience seed

@@ -14,15 +14,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dataset
-import kernels
+import pcvr.data.convert as dataset
+import pcvr.data.kernels as kernels
 from _parquet_util import (GOLDEN_SCHEMA, GOLDEN_SEQ_MAX_LENS, INT_LIST, T, TINY_SCHEMA,
                            TINY_SEQ_MAX_LENS, golden_table, tiny_table, varied_table,
                            write_dataset)
-from config import DataConfig, parse_seq_max_lens
-from dataset import (BatchConverter, DataError, DataStats, PCVRDataset, get_eval_loader,
+from pcvr.config import DataConfig, parse_seq_max_lens
+from pcvr.data.convert import (BatchConverter, DataError, DataStats, PCVRDataset, get_eval_loader,
                      get_pcvr_data, recent_order, split_row_groups)
-from schema import NUM_TIME_BUCKETS, PAIR_FIDS, TIME_BUCKET_BOUNDARIES, parse_schema
+from pcvr.schema import NUM_TIME_BUCKETS, PAIR_FIDS, TIME_BUCKET_BOUNDARIES, parse_schema
 
 LN2, LN3, LN4 = math.log1p(1), math.log1p(2), math.log1p(3)
 DOMAINS = ("seq_a", "seq_b", "seq_c", "seq_d")

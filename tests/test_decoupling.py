@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import movielens as ml  # noqa: E402
-from config import DecouplingConfig  # noqa: E402
-from decoupling import (EntityDecoupler, atom_orth_ssl_loss,  # noqa: E402
+from pcvr.config import DecouplingConfig  # noqa: E402
+from pcvr.model.decoupling import (EntityDecoupler, atom_orth_ssl_loss,  # noqa: E402
                         contrastive_uniformity_loss, ipw_sample_weight, orthogonal_component,
                         stage1_loss)
 

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import demo_data as dd
+import pcvr.demo.generator as dd
 
 ONLINE_SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
                              "schemas", "online_schema.json")

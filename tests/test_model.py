@@ -14,14 +14,14 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import DecouplingConfig, ModelConfig  # noqa: E402
-from feature_tokens import (DENSE_GRAD_MAX_ROWS, NSFeatureEmbedding,  # noqa: E402
+from pcvr.config import DecouplingConfig, ModelConfig  # noqa: E402
+from pcvr.model.tokens import (DENSE_GRAD_MAX_ROWS, NSFeatureEmbedding,  # noqa: E402
                             RankMixerNSTokenizer, signed_log1p)
-from model import PCVRHyFormer, build_model, load_ns_groups  # noqa: E402
-import modules  # noqa: E402
-from modules import (CrossAttention, Dropout, LongerEncoder, RowBuckets, attend,  # noqa: E402
+from pcvr.model.hyformer import PCVRHyFormer, build_model, load_ns_groups  # noqa: E402
+import pcvr.model.modules as modules  # noqa: E402
+from pcvr.model.modules import (CrossAttention, Dropout, LongerEncoder, RowBuckets, attend,  # noqa: E402
                      token_mix, valid_mask)
-from schema import FeatureLayout, FeatureSpec, load_schema, parse_schema  # noqa: E402
+from pcvr.schema import FeatureLayout, FeatureSpec, load_schema, parse_schema  # noqa: E402
 
 ONLINE_SCHEMA = os.path.join(ROOT, "..", "shared", "reference", "schemas", "online_schema.json")
 BIG = DENSE_GRAD_MAX_ROWS + 10  # a vocabulary whose table has sparse gradients
@@ -641,5 +641,5 @@ def test_build_model_resolves_a_groups_path(tmp_path):
 
 
 def test_time_bucket_table_has_a_row_per_bucket_id():
-    import schema
+    import pcvr.schema as schema
     assert make_model().time_bucket_emb.num_embeddings == schema.NUM_TIME_BUCKETS == 64

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import demo_data
+import pcvr.demo.generator as demo_data
 import infer
 import train
-from config import ConfigError
-from dataset import get_pcvr_data
-from trainer import predict_loader
+from pcvr.config import ConfigError
+from pcvr.data.convert import get_pcvr_data
+from pcvr.training.trainer import predict_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--d_model", "16", "--emb_dim", "8", "--num_heads", "2", "--num_queries", "2",
@@ -76,7 +76,7 @@ def test_infer_reproduces_validation_predictions(trained, demo, tmp_path):
     np.testing.assert_array_equal(first.user_id, again.user_id)
     np.testing.assert_array_equal(first.logit, again.logit)
     # The checkpoint's validation AUC is what a fresh rebuild scores on the same rows.
-    from trainer import score_predictions
+    from pcvr.training.trainer import score_predictions
     assert score_predictions(first)["auc"] == pytest.approx(result.best_auc, abs=1e-12)
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from config import TrainConfig, parse_config
-from model import ModelOutput
-from trainer import Trainer, lr_factor
+from pcvr.config import TrainConfig, parse_config
+from pcvr.model.hyformer import ModelOutput
+from pcvr.training.trainer import Trainer, lr_factor
 
 
 def test_constant_schedule_with_warmup():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from utils import (AtomicDir, ModelEMA, atomic_write_json, binary_logloss, roc_auc,
+from pcvr.runtime import (AtomicDir, ModelEMA, atomic_write_json, binary_logloss, roc_auc,
                    sigmoid_focal_loss)
 
 

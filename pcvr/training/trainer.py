@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import Config, TrainConfig, to_flat_dict
-from utils import (MetricsWriter, ModelEMA, atomic_dir, atomic_write_json, binary_logloss,
+from pcvr.config import Config, TrainConfig, to_flat_dict
+from pcvr.runtime import (MetricsWriter, ModelEMA, atomic_dir, atomic_write_json, binary_logloss,
                    fmt_metrics, roc_auc, sigmoid_focal_loss)
 
 log = logging.getLogger(__name__)

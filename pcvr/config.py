@@ -22,7 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type, TypeVar
 
-SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+# The project folder (train.py, run.sh and the default ns_groups.json live there).
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 T = TypeVar("T")
 
@@ -95,7 +96,7 @@ class ModelConfig:
                                    "(zero vectors); 0 = keep every table")
     seq_id_threshold: int = flag(10000, "sequence features with vocab > threshold count as ids "
                                  "and get extra embedding dropout")
-    ns_groups_json: str = flag(os.path.join(SCRIPT_DIR, "ns_groups.json"),
+    ns_groups_json: str = flag(os.path.join(PROJECT_DIR, "ns_groups.json"),
                                "fid groups for the NS tokenizer; '' = one group per feature")
     ns_tokenizer_type: str = flag("rankmixer", "NS tokenizer", choices=("group", "rankmixer"))
     user_ns_tokens: int = flag(0, "RankMixer user NS tokens (0 = number of user groups)")

@@ -105,10 +105,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-import kernels
-from config import DataConfig, parse_seq_max_lens
-from kernels import EventOrder
-from schema import (ACTIVITY_DOMAINS, ACTIVITY_FIDS, ACTIVITY_WINDOWS_S, PAIR_FIDS,
+import pcvr.data.kernels as kernels
+from pcvr.config import DataConfig, parse_seq_max_lens
+from pcvr.data.kernels import EventOrder
+from pcvr.schema import (ACTIVITY_DOMAINS, ACTIVITY_FIDS, ACTIVITY_WINDOWS_S, PAIR_FIDS,
                     TIME_BUCKET_BOUNDARIES, FeatureLayout, FeatureSpec, SeqDomainSpec, load_schema)
 
 ID_COLUMNS = ("user_id", "timestamp")

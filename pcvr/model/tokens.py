@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules import Dropout
-from schema import ACTIVITY_FIDS, FeatureSpec, SeqDomainSpec
+from pcvr.model.modules import Dropout
+from pcvr.schema import ACTIVITY_FIDS, FeatureSpec, SeqDomainSpec
 
 # Tables up to this many rows (4 MB at E = 64) get dense gradients (module docstring).
 DENSE_GRAD_MAX_ROWS = 16384

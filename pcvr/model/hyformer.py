@@ -34,16 +34,16 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 import torch
 import torch.nn as nn
 
-from config import DecouplingConfig, ModelConfig, parse_int_list
-from decoupling import DecoupledOutput, EntityDecoupler
-from feature_tokens import (DenseCrossToken, DenseToken, GroupNSTokenizer,
+from pcvr.config import DecouplingConfig, ModelConfig, parse_int_list
+from pcvr.model.decoupling import DecoupledOutput, EntityDecoupler
+from pcvr.model.tokens import (DenseCrossToken, DenseToken, GroupNSTokenizer,
                             NSFeatureEmbedding, PairModeUserDenseToken, RankMixerNSTokenizer,
                             SequenceTokenizer, has_table, init_table_)
-from modules import (BucketedSeq, CrossAttention, Dropout, GatedTokenAutoInt, HeadCrossNet,
+from pcvr.model.modules import (BucketedSeq, CrossAttention, Dropout, GatedTokenAutoInt, HeadCrossNet,
                      LongerEncoder, MultiSeqQueryGenerator, NSAutoIntLayer, NSSelfAttention,
                      NSTokenSEGate, RankMixerBlock, RotaryEmbedding, RowBuckets, SwiGLUEncoder,
                      TargetAwareAttentionHead, TransformerEncoder, masked_mean, valid_mask)
-from schema import NUM_TIME_BUCKETS, FeatureLayout, FeatureSpec
+from pcvr.schema import NUM_TIME_BUCKETS, FeatureLayout, FeatureSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import DecouplingConfig
+from pcvr.config import DecouplingConfig
 
 _NORM_EPS = 1e-6  # floor of vector norms before normalising (an orthogonal part can vanish)
 
