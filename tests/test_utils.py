@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pcvr.runtime import (AtomicDir, ModelEMA, atomic_write_json, binary_logloss, roc_auc,
+from pcvr.metrics import binary_logloss, roc_auc
+from pcvr.runtime import (AtomicDir, ModelEMA, atomic_write_json,
                    sigmoid_focal_loss)
 
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcvr.config import Config, TrainConfig, to_flat_dict
-from pcvr.runtime import (MetricsWriter, ModelEMA, atomic_dir, atomic_write_json, binary_logloss,
-                   fmt_metrics, roc_auc, sigmoid_focal_loss)
+from pcvr.metrics import binary_logloss, roc_auc
+from pcvr.runtime import (MetricsWriter, ModelEMA, atomic_dir, atomic_write_json, fmt_metrics,
+                          sigmoid_focal_loss)
 
 log = logging.getLogger(__name__)
 
