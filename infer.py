@@ -154,9 +154,9 @@ def _local(argv: Optional[List[str]] = None) -> None:
         metrics = score_predictions(pred)
         line = f"auc {metrics['auc']:.6f} logloss {metrics['logloss']:.6f} rows {pred.logit.size}"
         try:
-            import pcvr.demo.generator as demo_data
-            oracle = demo_data.oracle_auc(args.data_dir)
-            capture = demo_data.effect_capture(args.data_dir, pred.user_id, pred.logit)
+            from pcvr.demo import oracle as demo_oracle
+            oracle = demo_oracle.oracle_auc(args.data_dir)
+            capture = demo_oracle.effect_capture(args.data_dir, pred.user_id, pred.logit)
         except (ImportError, FileNotFoundError):  # not demo data: no truth sidecar
             print(line, flush=True)
             return

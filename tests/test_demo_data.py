@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pcvr.demo.generator as dd
+from pcvr.demo import oracle
 
 ONLINE_SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
                              "schemas", "online_schema.json")
@@ -216,7 +217,7 @@ def test_sidecar_truth_and_calibration(data):
     parquet = glob.glob(os.path.join(out, "*.parquet"))
     assert not [p for p in parquet if "truth" in p]
     assert os.path.isfile(os.path.join(out, dd.TRUTH_FILE))
-    user_id, p_true = dd.load_truth(out)
+    user_id, p_true = oracle.load_truth(out)
     table = _table(out)
     assert user_id.dtype == np.int64 and p_true.dtype == np.float64
     assert (user_id == table["user_id"].to_numpy()).all()
@@ -225,9 +226,9 @@ def test_sidecar_truth_and_calibration(data):
         assert (z["label"] == (table["label_type"].to_numpy() == 2)).all()
     train = summary["splits"]["train"]
     assert 0.08 <= train["pos_rate"] <= 0.115
-    assert 0.80 <= dd.oracle_auc(out) <= 0.86
-    assert train["oracle_auc"] == pytest.approx(dd.oracle_auc(out))
-    assert 0.80 <= dd.oracle_auc(os.path.join(out, "eval")) <= 0.86
+    assert 0.80 <= oracle.oracle_auc(out) <= 0.86
+    assert train["oracle_auc"] == pytest.approx(oracle.oracle_auc(out))
+    assert 0.80 <= oracle.oracle_auc(os.path.join(out, "eval")) <= 0.86
     shares = train["shares"]
     for effect in dd.EFFECTS:
         assert shares[effect.name] == pytest.approx(effect.share, abs=0.05), effect.name
@@ -243,7 +244,7 @@ def test_effect_capture_recovers_the_weights_of_a_known_logit(data):
         user_id = z["user_id"]
         logit = 2.0 * z["logit_abs_time"] + 0.5 * z["logit_pair_62_66"] - 1.0
     perm = np.random.default_rng(0).permutation(user_id.size)  # row order does not matter
-    capture = dd.effect_capture(out, user_id[perm], logit[perm])
+    capture = oracle.effect_capture(out, user_id[perm], logit[perm])
     assert list(capture) == [e.name for e in dd.EFFECTS] + ["r2"]
     expected = {"abs_time": 2.0, "pair_62_66": 0.5}
     for name, weight in capture.items():
@@ -251,7 +252,7 @@ def test_effect_capture_recovers_the_weights_of_a_known_logit(data):
             assert weight == pytest.approx(expected.get(name, 0.0), abs=1e-6), name
     assert capture["r2"] == pytest.approx(1.0)
     with pytest.raises(KeyError, match="not rows of this split"):
-        dd.effect_capture(out, user_id[:3] + 10**12, logit[:3])
+        oracle.effect_capture(out, user_id[:3] + 10**12, logit[:3])
 
 
 def test_every_planted_effect_moves_the_labels(data):

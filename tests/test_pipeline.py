@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pcvr.demo.generator as demo_data
+from pcvr.demo import oracle as demo_oracle
 import infer
 import train
 from pcvr.config import ConfigError
@@ -88,7 +89,7 @@ def test_infer_main_writes_predictions_json(trained, demo, tmp_path, monkeypatch
     infer.main()
     preds = json.load(open(tmp_path / "res" / "predictions.json"))
     assert list(preds) == ["predictions"]
-    uids, _ = demo_data.load_truth(str(demo / "eval"))
+    uids, _ = demo_oracle.load_truth(str(demo / "eval"))
     assert set(preds["predictions"]) == {str(int(u)) for u in uids}
     values = np.array(list(preds["predictions"].values()))
     assert np.all((values >= 0) & (values <= 1)) and values.std() > 0

@@ -113,6 +113,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pcvr.demo.oracle import TRUTH_FILE
+
 # --------------------------------------------------------------------------------------------
 # Options and constants
 # --------------------------------------------------------------------------------------------
@@ -127,7 +129,6 @@ DEFAULT_SEQ_LEN_SCALE = 0.04
 DEFAULT_FILES = 4
 EVENT_ORDERS = ("newest_first", "oldest_first", "unordered")
 DEFAULT_EVENT_ORDER = "oldest_first"
-TRUTH_FILE = "truth.npz"
 SCHEMA_FILE = "schema.json"
 EVAL_SUBDIR = "eval"
 PARQUET_COMPRESSION = "zstd"
@@ -1254,50 +1255,6 @@ def generate(out_dir: str, rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED, *
                   f"oracle_auc={s['oracle_auc']:.4f} files={s['files']} "
                   f"row_groups={s['row_groups']} -> {s['dir']} ({s['seconds']:.1f}s)")
     return summary
-
-
-def load_truth(data_dir: str) -> Tuple[np.ndarray, np.ndarray]:
-    """(user_id int64, p_true float64) of a split written by ``generate``."""
-    with np.load(os.path.join(data_dir, TRUTH_FILE)) as z:
-        return z["user_id"].astype(np.int64), z["p_true"].astype(np.float64)
-
-
-def oracle_auc(data_dir: str) -> float:
-    """AUC of ranking a split's rows by their true probability, against its labels."""
-    with np.load(os.path.join(data_dir, TRUTH_FILE)) as z:
-        return auc(z["label"], z["p_true"])
-
-
-def effect_capture(data_dir: str, user_id: np.ndarray, logit: np.ndarray) -> Dict[str, float]:
-    """How much of each planted effect a model's logits carry, on a split written by ``generate``.
-
-    Least squares of the model's logit on the effects' logit contributions (noise excluded)
-    plus a constant, over the rows of ``user_id`` (any order, all in the split). A weight of 1
-    means an effect moves the model's logit as much as it moves the true one; 0 means the
-    model ignores it (weights below 1 are normal: a model shrinks what it is unsure of).
-
-    Args:
-        data_dir: the split's folder (its ``truth.npz``).
-        user_id: ``[N]`` row keys; logit: ``[N]`` the model's logits of the same rows.
-
-    Returns:
-        effect name -> weight, in ``EFFECTS`` order, plus ``'r2'``: the share of the model
-        logit's variance that the effects explain.
-    """
-    with np.load(os.path.join(data_dir, TRUTH_FILE)) as z:
-        order = np.argsort(z["user_id"])
-        found = np.searchsorted(z["user_id"], user_id, sorter=order)
-        pos = order[np.minimum(found, order.size - 1)]
-        if not np.array_equal(z["user_id"][pos], user_id):
-            raise KeyError(f"{data_dir}: some user_id values are not rows of this split")
-        effects = np.stack([z[f"logit_{e.name}"][pos] for e in EFFECTS]
-                           + [np.ones(pos.size)], axis=1)
-    logit = np.asarray(logit, dtype=np.float64)
-    weights, *_ = np.linalg.lstsq(effects, logit, rcond=None)
-    residual = logit - effects @ weights
-    out = {e.name: float(w) for e, w in zip(EFFECTS, weights)}
-    out["r2"] = float(1.0 - residual.var() / max(logit.var(), 1e-12))
-    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
