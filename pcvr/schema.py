@@ -1,4 +1,5 @@
-"""schema.json: loading, validation, and the flattened feature layout shared by data and model.
+"""schema.json: loading, validation, the flattened feature layout shared by data and model, and
+everything the project knows about particular fids (their kinds).
 
 The schema (pipeline_spec §1.2) lists, per group, ``[fid, vocab_size, dim]`` (int groups),
 ``[fid, dim]`` (dense groups) and, per sequence domain, ``{prefix, ts_fid, features}``.
@@ -6,6 +7,16 @@ The schema (pipeline_spec §1.2) lists, per group, ``[fid, vocab_size, dim]`` (i
 feature its column name, vocabulary and the slice ``[offset, offset + length)`` it occupies
 in the flattened batch tensor, with the synthetic user activity fids 900-915 appended to the
 user dense group when they are enabled.
+
+Feature kinds are set once, here, when the schema is parsed (``FeatureSpec.kind``):
+
+* ``plain``: an ordinary id or dense feature;
+* ``paired``: the user int and user dense lists of a fid in ``PAIR_FIDS`` (62-66), element ``k``
+  of the dense list being the value of id ``k`` (both groups must declare the fid with the same
+  dim; ``FeatureLayout.pairs`` lists them);
+* ``activity``: the synthetic user activity dense fids 900-915, computed from the histories;
+* ``dense_head``: the user dense fids that get their own token head in pair mode
+  (``USER_DENSE_HEAD_FIDS``).
 
 Vocabulary convention: ids ``1 .. vocab_size - 1`` are real, 0 is padding/missing, and
 ``vocab_size`` itself is the out-of-vocabulary id (tables have ``vocab_size + 1`` rows).
@@ -15,8 +26,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from pcvr.config import DataConfig, parse_seq_max_lens
 
 # Synthetic user activity dense fids (pipeline_spec §1.7): 900-903 = log1p(history length) of
 # seq_a..seq_d, then per domain log1p(event counts) over 1, 3 and 5 days.
@@ -24,6 +37,10 @@ ACTIVITY_FIDS: Tuple[int, ...] = tuple(range(900, 916))
 ACTIVITY_DOMAINS: Tuple[str, ...] = ("seq_a", "seq_b", "seq_c", "seq_d")
 ACTIVITY_WINDOWS_S: Tuple[int, ...] = (86400, 3 * 86400, 5 * 86400)
 PAIR_FIDS: Tuple[int, ...] = (62, 63, 64, 65, 66)
+# User dense fids (embeddings 61/87, values of the lists 89-91) with a head of their own in the
+# pair-mode user dense token (model_spec §9.2).
+USER_DENSE_HEAD_FIDS: Tuple[int, ...] = (61, 87, 89, 90, 91)
+PLAIN, PAIRED, ACTIVITY, DENSE_HEAD = "plain", "paired", "activity", "dense_head"
 # Upper edges (seconds) of the time-since-event buckets (pipeline_spec §1.5): 63 values.
 TIME_BUCKET_BOUNDARIES: Tuple[int, ...] = (
     tuple(range(5, 61, 5)) + tuple(range(120, 601, 60)) + tuple(range(900, 3601, 300))
@@ -51,12 +68,14 @@ class FeatureSpec:
         vocab_size: ids are valid in ``[1, vocab_size)``; 0 for dense features or no vocab.
         offset: first position in the group's flattened tensor.
         length: number of positions (1 for scalars).
+        kind: ``PLAIN``, ``PAIRED``, ``ACTIVITY`` or ``DENSE_HEAD`` (module docstring).
     """
     fid: int
     column: str
     vocab_size: int
     offset: int
     length: int
+    kind: str = PLAIN
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,6 @@ class FeatureLayout:
     user_dense: Tuple[FeatureSpec, ...]  # activity fids 900-915 appended when enabled
     item_dense: Tuple[FeatureSpec, ...]
     seq: Tuple[SeqDomainSpec, ...]       # sorted by domain name
-    has_activity: bool
 
     @staticmethod
     def _dim(specs: Sequence[FeatureSpec]) -> int:
@@ -128,23 +146,21 @@ class FeatureLayout:
         raise KeyError(f"fid {fid} is not in the {group} group of the schema "
                        f"(has {[s.fid for s in specs]})")
 
-    def pair_specs(self, fids: Sequence[int] = PAIR_FIDS) -> List[Tuple[FeatureSpec, FeatureSpec]]:
-        """(int spec, dense spec) for each paired fid; raises when missing or misaligned."""
-        out = []
-        for fid in fids:
-            i = self.find(self.user_int, fid, "user_int")
-            d = self.find(self.user_dense, fid, "user_dense")
-            if i.length != d.length:
-                raise SchemaError(f"fid {fid}: user_int dim {i.length} != user_dense dim "
-                                  f"{d.length}; paired ids and values must line up")
-            out.append((i, d))
-        return out
+    @property
+    def pairs(self) -> List[Tuple[FeatureSpec, FeatureSpec]]:
+        """(user int spec, user dense spec) of every ``PAIRED`` fid, in ``PAIR_FIDS`` order."""
+        dense = {s.fid: s for s in self.user_dense if s.kind == PAIRED}
+        return [(s, dense[s.fid]) for s in self.user_int if s.kind == PAIRED]
+
+    @property
+    def activity(self) -> List[FeatureSpec]:
+        """The synthetic activity specs of the user dense group (empty when off)."""
+        return [s for s in self.user_dense if s.kind == ACTIVITY]
 
     def input_columns(self) -> List[str]:
         """Parquet feature columns this layout reads (labels/ids/timestamp excluded)."""
         cols = [s.column for g in (self.user_int, self.item_int, self.user_dense,
-                                   self.item_dense) for s in g if s.fid not in ACTIVITY_FIDS
-                or not self.has_activity]
+                                   self.item_dense) for s in g if s.kind != ACTIVITY]
         for d in self.seq:
             cols += [s.column for s in d.side]
             if d.ts_column:
@@ -264,10 +280,41 @@ def parse_schema(raw: Mapping[str, Any], seq_max_lens: Mapping[str, int],
             raise _err(path, f"user_dense already has fid(s) {clash}, reserved for the activity "
                              f"features 900-915 (use --no_user_activity_dense)")
         offset = sum(s.length for s in user_dense)
-        user_dense = user_dense + [FeatureSpec(fid, f"activity_{fid}", 0, offset + k, 1)
-                                   for k, fid in enumerate(ACTIVITY_FIDS)]
+        user_dense = user_dense + [FeatureSpec(fid, f"activity_{fid}", 0, offset + k, 1,
+                                               ACTIVITY) for k, fid in enumerate(ACTIVITY_FIDS)]
+    user_int, user_dense = _mark_kinds(user_int, user_dense, path)
     return FeatureLayout(tuple(user_int), tuple(item_int), tuple(user_dense),
-                         tuple(item_dense), tuple(domains), bool(use_activity))
+                         tuple(item_dense), tuple(domains))
+
+
+def _mark_kinds(user_int: List[FeatureSpec], user_dense: List[FeatureSpec], path: str
+                ) -> Tuple[List[FeatureSpec], List[FeatureSpec]]:
+    """Sets ``PAIRED`` on the fids of ``PAIR_FIDS`` declared in both user groups (their dims
+    must agree) and ``DENSE_HEAD`` on the user dense fids of ``USER_DENSE_HEAD_FIDS``."""
+    dense_dims = {s.fid: s.length for s in user_dense if s.kind == PLAIN}
+    paired = set()
+    for s in user_int:
+        if s.fid in PAIR_FIDS and s.fid in dense_dims:
+            if dense_dims[s.fid] != s.length:
+                raise _err(path, f"fid {s.fid}: user_int dim {s.length} != user_dense dim "
+                                 f"{dense_dims[s.fid]}; paired ids and values must line up")
+            paired.add(s.fid)
+
+    def kind(spec: FeatureSpec, dense: bool) -> str:
+        if spec.kind != PLAIN:
+            return spec.kind
+        if spec.fid in paired:
+            return PAIRED
+        return DENSE_HEAD if dense and spec.fid in USER_DENSE_HEAD_FIDS else PLAIN
+
+    return ([replace(s, kind=kind(s, False)) for s in user_int],
+            [replace(s, kind=kind(s, True)) for s in user_dense])
+
+
+def load_layout(path: str, data_cfg: DataConfig) -> Tuple[FeatureLayout, Dict[str, Any]]:
+    """``load_schema`` with the history lengths and activity flag of ``data_cfg``."""
+    return load_schema(path, parse_seq_max_lens(data_cfg.seq_max_lens),
+                       data_cfg.use_user_activity_dense)
 
 
 def load_schema(path: str, seq_max_lens: Mapping[str, int],

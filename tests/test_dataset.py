@@ -247,7 +247,7 @@ def slow_convert(rows, layout, cfg, read_labels):
             out[d.name + "_time_bucket"].append(tb + [0] * pad)
             out[d.name + "_hour"].append(hr + [0] * pad)
             out[d.name + "_dayofweek"].append(dw + [0] * pad)
-            if layout.has_activity and d.name in ("seq_a", "seq_b", "seq_c", "seq_d"):
+            if layout.activity and d.name in ("seq_a", "seq_b", "seq_c", "seq_d"):
                 k = "abcd".index(d.name[-1])
                 dense = out["user_dense_feats"][-1]
                 base = [s.offset for s in layout.user_dense if s.fid == 900][0]

@@ -21,7 +21,7 @@ from pcvr.model.hyformer import PCVRHyFormer, build_model, load_ns_groups  # noq
 import pcvr.model.modules as modules  # noqa: E402
 from pcvr.model.modules import (CrossAttention, Dropout, LongerEncoder, RowBuckets, attend,  # noqa: E402
                      token_mix, valid_mask)
-from pcvr.schema import FeatureLayout, FeatureSpec, load_schema, parse_schema  # noqa: E402
+from pcvr.schema import FeatureLayout, FeatureSpec, SchemaError, load_schema, parse_schema  # noqa: E402
 
 ONLINE_SCHEMA = os.path.join(ROOT, "..", "shared", "reference", "schemas", "online_schema.json")
 BIG = DENSE_GRAD_MAX_ROWS + 10  # a vocabulary whose table has sparse gradients
@@ -594,8 +594,11 @@ def test_pair_mode_errors():
 def test_activity_fids_are_all_or_none_in_pair_mode():
     raw = json.loads(json.dumps(RAW_SCHEMA))
     raw["user_dense"].append([900, 1])
-    with pytest.raises(ValueError, match="all-or-none"):
-        make_model(make_cfg(use_pair_62_66=True), layout=make_layout(raw, activity=False))
+    # A schema's own fid 900 is a plain dense feature, never a partial activity set.
+    layout = make_layout(raw, activity=False)
+    assert not layout.activity and [s.kind for s in layout.user_dense if s.fid == 900] == ["plain"]
+    heads = make_model(make_cfg(use_pair_62_66=True), layout=layout).user_dense_token.heads
+    assert len(heads) == 5  # 61, 87, 89-91, no activity head
     heads = make_model(make_cfg(use_pair_62_66=True)).user_dense_token.heads
     assert len(heads) == 6 and heads[-1].cols.numel() == 16  # 61, 87, 89-91 + activity
 
@@ -643,3 +646,19 @@ def test_build_model_resolves_a_groups_path(tmp_path):
 def test_time_bucket_table_has_a_row_per_bucket_id():
     import pcvr.schema as schema
     assert make_model().time_bucket_emb.num_embeddings == schema.NUM_TIME_BUCKETS == 64
+
+
+def test_feature_kinds_are_set_once_by_the_schema():
+    kinds = {(s.fid, s.kind) for s in LAYOUT.user_int + LAYOUT.user_dense}
+    assert {(62, "paired"), (66, "paired"), (61, "dense_head"), (87, "dense_head"),
+            (900, "activity"), (1, "plain")} <= kinds
+    assert [(i.fid, d.fid) for i, d in LAYOUT.pairs] == [(f, f) for f in (62, 63, 64, 65, 66)]
+    raw = json.loads(json.dumps(RAW_SCHEMA))
+    raw["user_dense"] = [[62, 4] if e[0] == 62 else e for e in raw["user_dense"]]
+    with pytest.raises(SchemaError, match="fid 62: user_int dim 3 != user_dense dim 4"):
+        make_layout(raw)
+    raw["user_dense"] = [e for e in RAW_SCHEMA["user_dense"] if e[0] != 63]
+    layout = make_layout(raw)  # 63 is then a plain id list, which the data reads as any other
+    assert [i.fid for i, _ in layout.pairs] == [62, 64, 65, 66]
+    with pytest.raises(KeyError, match=r"use_pair_62_66: fid\(s\) \[63\]"):
+        make_model(make_cfg(use_pair_62_66=True), layout=layout)

@@ -108,7 +108,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import pcvr.data.kernels as kernels
 from pcvr.config import DataConfig, parse_seq_max_lens
 from pcvr.data.kernels import EventOrder
-from pcvr.schema import (ACTIVITY_DOMAINS, ACTIVITY_FIDS, ACTIVITY_WINDOWS_S, PAIR_FIDS,
+from pcvr.schema import (ACTIVITY, ACTIVITY_DOMAINS, ACTIVITY_FIDS, ACTIVITY_WINDOWS_S,
                     TIME_BUCKET_BOUNDARIES, FeatureLayout, FeatureSpec, SeqDomainSpec, load_schema)
 
 ID_COLUMNS = ("user_id", "timestamp")
@@ -139,8 +139,8 @@ def stat_names(layout: FeatureLayout) -> List[str]:
     names = ["rows"]
     names += [f"oov/{s.column}" for s in layout.user_int + layout.item_int if s.vocab_size > 0]
     names += [f"nonfinite/{s.column}" for s in layout.user_dense + layout.item_dense
-              if not _is_activity(layout, s)]
-    names += [f"len_mismatch/pair_{i.fid}" for i, _ in _pairs(layout)]
+              if s.kind != ACTIVITY]
+    names += [f"len_mismatch/pair_{i.fid}" for i, _ in layout.pairs]
     for d in layout.seq:
         names += [f"oov/{s.column}" for s in d.side if s.vocab_size > 0]
         names.append(f"len_mismatch/{d.name}")
@@ -233,7 +233,7 @@ def required_columns(layout: FeatureLayout, read_labels: bool) -> Dict[str, str]
         cols[LABEL_COLUMN] = "scalar"
     cols.update({s.column: "int" for s in layout.user_int + layout.item_int})
     cols.update({s.column: "dense" for s in layout.user_dense + layout.item_dense
-                 if not _is_activity(layout, s)})
+                 if s.kind != ACTIVITY})
     for d in layout.seq:
         cols.update({s.column: "seq" for s in d.side})
         if d.ts_column:
@@ -606,17 +606,6 @@ def _activity_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray,
     return out
 
 
-def _is_activity(layout: FeatureLayout, spec: FeatureSpec) -> bool:
-    return layout.has_activity and spec.fid in ACTIVITY_FIDS
-
-
-def _pairs(layout: FeatureLayout) -> List[Tuple[FeatureSpec, FeatureSpec]]:
-    """(int, dense) specs of the 62-66 fids present in both user groups."""
-    ints = {s.fid: s for s in layout.user_int}
-    dense = {s.fid: s for s in layout.user_dense}
-    return [(ints[f], dense[f]) for f in PAIR_FIDS if f in ints and f in dense]
-
-
 Rows = Union[slice, np.ndarray]
 HISTORY_SUFFIXES = ("", "_time_bucket", "_hour", "_dayofweek")  # the [B, ..., L_d] tensors
 
@@ -654,8 +643,8 @@ class BatchConverter:
         self.histories = {f"{d.name}_len": [d.name + s for s in HISTORY_SUFFIXES]
                           for d in layout.seq}
         self._stat = {name: k for k, name in enumerate(self.stat_names)}
-        self._pairs = _pairs(layout)
-        self._activity = {s.fid: s.offset for s in layout.user_dense if _is_activity(layout, s)}
+        self._pairs = layout.pairs
+        self._activity = {s.fid: s.offset for s in layout.activity}
         # group -> (specs, vocab per position, first position per spec, oov stat or -1 per spec)
         self._int_plans = {}
         for key, specs in (("user_int_feats", layout.user_int),
@@ -759,7 +748,7 @@ class BatchConverter:
                      out: np.ndarray, stats: np.ndarray) -> None:
         """Fills the zeroed ``out`` (all rows of the batch) with the group's dense lists."""
         for s in specs:
-            if _is_activity(self.layout, s):  # written by _domain
+            if s.kind == ACTIVITY:  # written by _domain
                 continue
             r = cols[s.column]
             if not r.values.size:  # every row empty: the feature stays 0
@@ -788,7 +777,7 @@ class BatchConverter:
         kept = np.minimum(n, d.max_len)
         out[f"{d.name}_len"][rows] = kept
         width = max(1, int(kept.max(initial=0)))
-        activity = self.layout.has_activity and d.name in ACTIVITY_DOMAINS
+        activity = bool(self._activity) and d.name in ACTIVITY_DOMAINS
         key = None
         if ts_col is not None and (self.keep_recent or activity):
             key = _flat_events(ts_col, n).astype(np.int64, copy=False)

@@ -43,7 +43,7 @@ from pcvr.model.modules import (BucketedSeq, CrossAttention, Dropout, GatedToken
                      LongerEncoder, MultiSeqQueryGenerator, NSAutoIntLayer, NSSelfAttention,
                      NSTokenSEGate, RankMixerBlock, RotaryEmbedding, RowBuckets, SwiGLUEncoder,
                      TargetAwareAttentionHead, TransformerEncoder, masked_mean, valid_mask)
-from pcvr.schema import NUM_TIME_BUCKETS, FeatureLayout, FeatureSpec
+from pcvr.schema import NUM_TIME_BUCKETS, PAIR_FIDS, FeatureLayout, FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,16 @@ def _token_count_hint(d_model: int, n_seq_tokens: int, num_domains: int, num_ns:
         hint += f" (e.g. user_ns_tokens in {users})"
     hint += f"; or num_queries in {q_ok}" if q_ok else "; no num_queries fits this N_ns"
     return hint + "; or rank_mixer_mode 'ffn_only' / 'none'"
+
+
+def _pair_dense(layout: FeatureLayout) -> Dict[int, FeatureSpec]:
+    """Pair fid -> its user dense spec; every fid of ``PAIR_FIDS`` must be paired."""
+    pairs = {i.fid: dense for i, dense in layout.pairs}
+    missing = [fid for fid in PAIR_FIDS if fid not in pairs]
+    if missing:
+        raise KeyError(f"use_pair_62_66: fid(s) {missing} are not declared in both user_int "
+                       f"and user_dense of the schema (with the same dim)")
+    return pairs
 
 
 # ----------------------------------------------------------------------------- decoupling
@@ -314,8 +324,7 @@ class PCVRHyFormer(nn.Module):
         groups = ns_groups or {}
         user_groups = resolve_groups(groups.get("user_ns_groups"), layout.user_int, "user")
         item_groups = resolve_groups(groups.get("item_ns_groups"), layout.item_int, "item")
-        pair_dense = ({i.fid: dn for i, dn in layout.pair_specs()} if cfg.use_pair_62_66
-                      else None)
+        pair_dense = _pair_dense(layout) if cfg.use_pair_62_66 else None
         self.user_tokenizer = self._ns_tokenizer(
             cfg, NSFeatureEmbedding(layout.user_int, e, skip, pair_dense, cfg.pair_pooling),
             user_groups, cfg.user_ns_tokens, 0)

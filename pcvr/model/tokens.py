@@ -30,12 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pcvr.model.modules import Dropout
-from pcvr.schema import ACTIVITY_FIDS, FeatureSpec, SeqDomainSpec
+from pcvr.schema import (ACTIVITY, DENSE_HEAD, USER_DENSE_HEAD_FIDS, FeatureSpec,
+                         SeqDomainSpec)
 
 # Tables up to this many rows (4 MB at E = 64) get dense gradients (module docstring).
 DENSE_GRAD_MAX_ROWS = 16384
-# Pair mode: user dense fids that get their own head in the user dense token (§9.2).
-USER_DENSE_HEAD_FIDS: Tuple[int, ...] = (61, 87, 89, 90, 91)
 
 
 def signed_log1p(x: torch.Tensor) -> torch.Tensor:
@@ -310,12 +309,9 @@ class PairModeUserDenseToken(nn.Module):
         if missing:
             raise KeyError(f"use_pair_62_66: the user dense token needs fids "
                            f"{list(USER_DENSE_HEAD_FIDS)}; missing {missing}")
-        groups = [[s] for s in user_dense if s.fid in USER_DENSE_HEAD_FIDS]
-        activity = [s for s in user_dense if s.fid in ACTIVITY_FIDS]
+        groups = [[s] for s in user_dense if s.kind == DENSE_HEAD]
+        activity = [s for s in user_dense if s.kind == ACTIVITY]  # all 16 or none (schema)
         if activity:
-            if len(activity) != len(ACTIVITY_FIDS) or any(s.length != 1 for s in activity):
-                raise ValueError(f"user activity dense fids are all-or-none, one column each: "
-                                 f"found {[(s.fid, s.length) for s in activity]}")
             groups.append(activity)
         self.heads = nn.ModuleList(DenseToken(g, d_model) for g in groups)
         self.fuse = projection(len(groups) * d_model, d_model, nn.SiLU())
