@@ -1,8 +1,10 @@
-"""Tests of demo_data.py: layout, determinism, calibration and the planted effects."""
+"""Tests of the demo-data generator (pcvr/demo/): layout, determinism, calibration and the
+planted effects."""
 from __future__ import annotations
 
 import glob
 import hashlib
+import inspect
 import json
 import os
 from typing import Dict, Tuple
@@ -13,19 +15,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import pcvr.demo.generator as dd
-from pcvr.demo import oracle
+from pcvr.demo import columns, effects, generator, layout, oracle, world
+from pcvr.metrics import roc_auc
 
 ONLINE_SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
                              "schemas", "online_schema.json")
 SMALL = dict(seq_len_scale=0.02, files=2, rows_per_group=1000, verbose=False)
+DEFAULTS = generator.DemoOptions()
+# Content fingerprint (_fingerprint) of generate(700 rows, seed 3, eval 300, SMALL with 256 rows
+# per group), recorded with the generator before its split into modules (commit a9ab9f7's
+# demo_data.py): any change of the default data's draws changes it.
+FINGERPRINT = "2d31a3febe61e2407bc5724a805adec23fd50b3fb05fb950187cba49b154e960"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Tuple[str, Dict]:
     """A moderate default-world sample: 8,000 training and 2,000 held-out rows."""
     out = str(tmp_path_factory.mktemp("demo"))
-    summary = dd.generate(out, 8000, 7, eval_rows=2000, **SMALL)
+    summary = generator.generate(out, 8000, 7, eval_rows=2000, **SMALL)
     return out, summary
 
 
@@ -54,37 +61,64 @@ def _hashes(root: str) -> Dict[str, str]:
     return out
 
 
+def _fingerprint(root: str) -> str:
+    """sha256 of every file's content (parquet: row groups and column values, npz: arrays,
+    others: bytes), independent of the pyarrow and zstd versions that wrote the bytes."""
+    h = hashlib.sha256()
+    for base, dirs, names in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(base, name)
+            h.update(os.path.relpath(path, root).encode())
+            if name.endswith(".parquet"):
+                meta = pq.ParquetFile(path).metadata
+                h.update(np.array([meta.row_group(k).num_rows
+                                   for k in range(meta.num_row_groups)]).tobytes())
+                table = pq.read_table(path)
+                for col_name, col in zip(table.column_names, table.columns):
+                    arr = col.combine_chunks()
+                    h.update(f"{col_name}:{arr.type}".encode())
+                    h.update(arr.is_null().to_numpy(zero_copy_only=False).tobytes())
+                    if pa.types.is_list(arr.type):
+                        h.update(arr.offsets.to_numpy().astype(np.int64).tobytes())
+                        arr = arr.values
+                    h.update(arr.fill_null(0).to_numpy().tobytes())
+            elif name.endswith(".npz"):
+                with np.load(path) as z:
+                    for k in sorted(z.files):
+                        h.update(f"{k}:{z[k].dtype.str}".encode())
+                        h.update(np.ascontiguousarray(z[k]).tobytes())
+            else:
+                with open(path, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------------- basics
-
-def test_auc_matches_sklearn_with_ties():
-    metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(0)
-    y = rng.random(3000) < 0.2
-    scores = np.round(rng.random(3000) + 0.3 * y, 1)          # many ties
-    assert dd.auc(y, scores) == pytest.approx(metrics.roc_auc_score(y, scores), abs=1e-12)
-    assert dd.auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
-    with pytest.raises(ValueError):
-        dd.auc([1, 1], [0.1, 0.2])
-
 
 def test_embedded_layout_matches_online_schema():
     if not os.path.isfile(ONLINE_SCHEMA):
         pytest.skip("the shared online schema is not available")
     with open(ONLINE_SCHEMA, encoding="utf-8") as fh:
         online = json.load(fh)
-    embedded = dd.load_layout(None, vocab_cap=0).schema_json()
-    assert embedded == online
+    assert layout.load_layout(None, vocab_cap=0).schema_json() == online
 
 
-def test_same_options_give_identical_bytes(tmp_path):
+def test_same_options_give_identical_bytes_and_the_recorded_data(tmp_path):
     opts = dict(SMALL, rows_per_group=256)
-    a = dd.generate(str(tmp_path / "a"), 700, 3, eval_rows=300, **opts)
-    dd.generate(str(tmp_path / "b"), 700, 3, eval_rows=300, **opts)
+    a = generator.generate(str(tmp_path / "a"), 700, 3, eval_rows=300, **opts)
+    generator.generate(str(tmp_path / "b"), 700, 3, eval_rows=300, **opts)
     ha, hb = _hashes(str(tmp_path / "a")), _hashes(str(tmp_path / "b"))
     assert len(ha) == 2 * (2 + 2) and ha == hb          # 2 parquet + schema + truth per split
-    dd.generate(str(tmp_path / "c"), 700, 4, eval_rows=300, **opts)
-    assert _hashes(str(tmp_path / "c"))["part-00000.parquet"] != ha["part-00000.parquet"]
     assert a["splits"]["train"]["row_groups"] == 4
+    assert _fingerprint(str(tmp_path / "a")) == FINGERPRINT
+
+
+def test_generate_defaults_are_the_options_defaults():
+    params = inspect.signature(generator.generate).parameters
+    for name, value in vars(DEFAULTS).items():
+        if name != "out":
+            assert params[name].default == value, name
 
 
 # ------------------------------------------------------------------------------- layout
@@ -93,12 +127,12 @@ def test_schema_and_columns_follow_the_online_layout(data):
     out, _ = data
     with open(os.path.join(out, "schema.json"), encoding="utf-8") as fh:
         schema = json.load(fh)
-    cap = dd.DEFAULT_VOCAB_CAP
-    assert schema["user_int"] == [[f, min(v, cap), d] for f, v, d in dd.ONLINE_USER_INT]
-    assert schema["item_int"] == [[f, min(v, cap), d] for f, v, d in dd.ONLINE_ITEM_INT]
-    assert schema["user_dense"] == [list(e) for e in dd.ONLINE_USER_DENSE]
+    cap = DEFAULTS.vocab_cap
+    assert schema["user_int"] == [[f, min(v, cap), d] for f, v, d in layout.ONLINE_USER_INT]
+    assert schema["item_int"] == [[f, min(v, cap), d] for f, v, d in layout.ONLINE_ITEM_INT]
+    assert schema["user_dense"] == [list(e) for e in layout.ONLINE_USER_DENSE]
     assert sorted(schema["seq"]) == ["seq_a", "seq_b", "seq_c", "seq_d"]
-    for name, (prefix, ts_fid, feats) in dd.ONLINE_SEQ.items():
+    for name, (prefix, ts_fid, feats) in layout.ONLINE_SEQ.items():
         dom = schema["seq"][name]
         assert (dom["prefix"], dom["ts_fid"]) == (prefix, ts_fid)
         assert dom["features"] == [[f, 0 if f == ts_fid else min(v, cap)] for f, v in feats]
@@ -135,10 +169,10 @@ def test_ids_lie_in_vocab_and_lists_fit_their_dims(data):
         schema = json.load(fh)
     table = _table(out)
     # Documented OOV columns: user 54, item 16 and each domain's widest (item-id) column.
-    oov_cols = ({f"user_int_feats_{f}" for f in dd.OOV_USER_FIDS}
-                | {f"item_int_feats_{f}" for f in dd.OOV_ITEM_FIDS}
+    oov_cols = ({f"user_int_feats_{f}" for f in columns.OOV_USER_FIDS}
+                | {f"item_int_feats_{f}" for f in columns.OOV_ITEM_FIDS}
                 | {f"{p}_{max((v, f) for f, v in feats if f != ts)[1]}"
-                   for p, ts, feats in dd.ONLINE_SEQ.values()})
+                   for p, ts, feats in layout.ONLINE_SEQ.values()})
     checks = [(f"{g}_feats_{f}", v, d) for g in ("user_int", "item_int")
               for f, v, d in schema[g]]
     for dom in schema["seq"].values():
@@ -175,7 +209,7 @@ def test_ids_lie_in_vocab_and_lists_fit_their_dims(data):
 def test_domain_lists_share_lengths_and_pairs_align(data):
     out, _ = data
     table = _table(out)
-    for prefix, ts_fid, feats in dd.ONLINE_SEQ.values():
+    for prefix, ts_fid, feats in layout.ONLINE_SEQ.values():
         ts_len = _lengths(table[f"{prefix}_{ts_fid}"])
         for fid, _ in feats:
             assert (_lengths(table[f"{prefix}_{fid}"]) == ts_len).all(), (prefix, fid)
@@ -216,13 +250,13 @@ def test_sidecar_truth_and_calibration(data):
     out, summary = data
     parquet = glob.glob(os.path.join(out, "*.parquet"))
     assert not [p for p in parquet if "truth" in p]
-    assert os.path.isfile(os.path.join(out, dd.TRUTH_FILE))
+    assert os.path.isfile(os.path.join(out, oracle.TRUTH_FILE))
     user_id, p_true = oracle.load_truth(out)
     table = _table(out)
     assert user_id.dtype == np.int64 and p_true.dtype == np.float64
     assert (user_id == table["user_id"].to_numpy()).all()
     assert ((p_true > 0) & (p_true < 1)).all()
-    with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
+    with np.load(os.path.join(out, oracle.TRUTH_FILE)) as z:
         assert (z["label"] == (table["label_type"].to_numpy() == 2)).all()
     train = summary["splits"]["train"]
     assert 0.08 <= train["pos_rate"] <= 0.115
@@ -230,7 +264,7 @@ def test_sidecar_truth_and_calibration(data):
     assert train["oracle_auc"] == pytest.approx(oracle.oracle_auc(out))
     assert 0.80 <= oracle.oracle_auc(os.path.join(out, "eval")) <= 0.86
     shares = train["shares"]
-    for effect in dd.EFFECTS:
+    for effect in effects.EFFECTS:
         assert shares[effect.name] == pytest.approx(effect.share, abs=0.05), effect.name
     assert shares["abs_time"] + shares["pair_62_66"] > 0.3
     assert 0.03 < shares["noise_of_total"] < 0.1
@@ -240,12 +274,12 @@ def test_sidecar_truth_and_calibration(data):
 
 def test_effect_capture_recovers_the_weights_of_a_known_logit(data):
     out, _ = data
-    with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
+    with np.load(os.path.join(out, oracle.TRUTH_FILE)) as z:
         user_id = z["user_id"]
         logit = 2.0 * z["logit_abs_time"] + 0.5 * z["logit_pair_62_66"] - 1.0
     perm = np.random.default_rng(0).permutation(user_id.size)  # row order does not matter
     capture = oracle.effect_capture(out, user_id[perm], logit[perm])
-    assert list(capture) == [e.name for e in dd.EFFECTS] + ["r2"]
+    assert list(capture) == [e.name for e in effects.EFFECTS] + ["r2"]
     expected = {"abs_time": 2.0, "pair_62_66": 0.5}
     for name, weight in capture.items():
         if name != "r2":
@@ -257,9 +291,9 @@ def test_effect_capture_recovers_the_weights_of_a_known_logit(data):
 
 def test_every_planted_effect_moves_the_labels(data):
     out, _ = data
-    with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
-        for effect in dd.EFFECTS:
-            assert dd.auc(z["label"], z[f"logit_{effect.name}"]) > 0.53, effect.name
+    with np.load(os.path.join(out, oracle.TRUTH_FILE)) as z:
+        for effect in effects.EFFECTS:
+            assert roc_auc(z["label"], z[f"logit_{effect.name}"]) > 0.53, effect.name
 
 
 def test_planted_effects_are_visible_in_the_parquet(data):
@@ -269,12 +303,12 @@ def test_planted_effects_are_visible_in_the_parquet(data):
     label = table["label_type"].to_numpy() == 2
     ts = table["timestamp"].to_numpy()
     n = ts.size
-    with np.load(os.path.join(out, dd.TRUTH_FILE)) as z:
+    with np.load(os.path.join(out, oracle.TRUTH_FILE)) as z:
         truth = {k: z[k] for k in z.files}
 
     def check(name: str, value: np.ndarray, min_auc: float) -> None:
         assert np.corrcoef(value, truth[f"logit_{name}"])[0, 1] > 0.999, name
-        assert dd.auc(label, value) > min_auc, name
+        assert roc_auc(label, value) > min_auc, name
 
     def latent(column: str, link: str) -> np.ndarray:
         ids = table[column].to_numpy()
@@ -289,7 +323,7 @@ def test_planted_effects_are_visible_in_the_parquet(data):
     # activity and seq_affinity: event counts and the share of the target's category.
     latent_cat = latent("item_int_feats_5", "category_item_int_5")
     counts, weighted, matched = np.zeros((4, n)), np.zeros(n), np.zeros(n)
-    for prefix, ts_fid, _ in dd.ONLINE_SEQ.values():
+    for prefix, ts_fid, _ in layout.ONLINE_SEQ.values():
         row, ev = _ragged(table[f"{prefix}_{ts_fid}"])
         age = ts[row] - ev
         counts[0] += _lengths(table[f"{prefix}_{ts_fid}"])
@@ -314,14 +348,14 @@ def test_planted_effects_are_visible_in_the_parquet(data):
     pair[row[hit]] = np.sqrt(np.log1p(values[hit]))
     check("pair_62_66", pair, 0.6)
     present = pair > 0
-    assert dd.auc(label[present], pair[present]) > 0.52     # the value matters, not only the id
+    assert roc_auc(label[present], pair[present]) > 0.52     # the value matters, not only the id
 
 
 # ------------------------------------------------------------------------------- options
 
 @pytest.mark.parametrize("order", ["newest_first", "unordered"])
 def test_event_order_option(tmp_path, order):
-    dd.generate(str(tmp_path), 300, 1, eval_rows=0, event_order=order, **SMALL)
+    generator.generate(str(tmp_path), 300, 1, eval_rows=0, event_order=order, **SMALL)
     row, ts = _ragged(_table(str(tmp_path))["domain_d_seq_26"])
     step = np.diff(ts)[row[1:] == row[:-1]]
     if order == "newest_first":
@@ -332,31 +366,34 @@ def test_event_order_option(tmp_path, order):
 
 
 def test_custom_schema_and_uncapped_vocab(tmp_path):
-    schema = dd.load_layout(None, vocab_cap=0).schema_json()
+    schema = layout.load_layout(None, vocab_cap=0).schema_json()
     schema["user_int"] = [[f, v, 4 if f == 63 else d] for f, v, d in schema["user_int"]]
     schema["user_dense"] = [[f, 4 if f == 63 else d] for f, d in schema["user_dense"]]
     path = tmp_path / "schema_in.json"
     path.write_text(json.dumps(schema))
     out = str(tmp_path / "out")
-    dd.generate(out, 300, 2, eval_rows=0, vocab_cap=0, schema=str(path), **SMALL)
+    generator.generate(out, 300, 2, eval_rows=0, vocab_cap=0, schema=str(path), **SMALL)
     with open(os.path.join(out, "schema.json")) as fh:
         assert json.load(fh) == schema
     table = _table(out)
     assert _lengths(table["user_int_feats_63"]).max() <= 4
-    assert pc.max(pc.list_flatten(table["domain_c_seq_47"])).as_py() > dd.DEFAULT_VOCAB_CAP
+    assert pc.max(pc.list_flatten(table["domain_c_seq_47"])).as_py() > DEFAULTS.vocab_cap
     del schema["user_int"][0]                                      # drops fid 1
     with pytest.raises(ValueError, match="user_int 1"):
-        dd.load_layout(schema)
+        world.check_links(layout.load_layout(schema, 0).features, world.Links())
+    schema["seq"]["seq_a"]["features"].append([40, 9])             # duplicated fid
+    with pytest.raises(ValueError, match="duplicated fid 40"):
+        layout.load_layout(schema, 0)
 
 
 def test_full_scale_history_lengths(tmp_path):
-    summary = dd.generate(str(tmp_path), 300, 5, eval_rows=0, seq_len_scale=1.0, files=1,
-                          verbose=False)
+    summary = generator.generate(str(tmp_path), 300, 5, eval_rows=0, seq_len_scale=1.0,
+                                 files=1, verbose=False)
     table = _table(str(tmp_path))
     means = {}
-    for name, (prefix, ts_fid, _) in dd.ONLINE_SEQ.items():
+    for name, (prefix, ts_fid, _) in layout.ONLINE_SEQ.items():
         lengths = _lengths(table[f"{prefix}_{ts_fid}"])
-        assert lengths.max() <= dd.SEQ_LEN_CAP
+        assert lengths.max() <= world.SEQ_LEN_CAP
         means[name] = lengths.mean()
     assert 200 < means["seq_a"] < 420 and 200 < means["seq_b"] < 420
     assert 380 < means["seq_c"] < 680
@@ -364,8 +401,15 @@ def test_full_scale_history_lengths(tmp_path):
     assert summary["splits"]["train"]["row_groups"] >= 1
 
 
-def test_cli(tmp_path):
-    summary = dd.main(["--out", str(tmp_path), "--rows", "200", "--eval_rows", "100",
-                       "--seq_len_scale", "0.02", "--files", "1", "--seed", "9"])
+def test_cli(tmp_path, capsys):
+    summary = generator.main(["--out", str(tmp_path), "--rows", "200", "--eval_rows", "100",
+                              "--seq_len_scale", "0.02", "--files", "1", "--seed", "9"])
     assert summary["splits"]["eval"]["rows"] == 100
+    assert summary["options"]["vocab_cap"] == DEFAULTS.vocab_cap
     assert len(glob.glob(os.path.join(str(tmp_path), "eval", "*.parquet"))) == 1
+    with pytest.raises(SystemExit) as exit_help:
+        generator.main(["--help"])
+    assert exit_help.value.code == 0 and "--event_order" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_no_out:
+        generator.main(["--rows", "10"])
+    assert exit_no_out.value.code == 2 and "--out" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""Rows: who sees which target item, when, and with which history.
+
+Every row draws a request time (quiet nights, a lunch bump and an evening peak, local time
+UTC+8), a person (active persons visit more), an "intent" category from the person's taste, a
+target item (40 % from the intent category, else by popularity) and, per domain, a history
+whose length is exponential-like (means at scale 1.0: a/b ~300, c ~520 (p95 ~1,650), d ~2,400
+(p95 4,000), capped at 4,000 x scale; at the default 0.04 a/b ~12, c ~20, d ~100, capped at
+160). About a fifth of the events fall in the last five days and lean towards the intent
+category; older events keep the daily rhythm. Rows of one person draw their histories
+independently.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import numpy as np
+
+from pcvr.demo.sampling import categorical, lengths_to_offsets
+from pcvr.demo.world import N_ITEMS, TASTE_TABLE, World
+
+# Time: the training split covers 14 local days before TRAIN_END, the held-out split the 3
+# days after it (like the platform's later test set).
+TZ_OFFSET_S = 8 * 3600
+DAY_S = 86400
+TRAIN_END = 1772640000          # 2026-03-05 00:00 UTC+8, a Thursday
+TRAIN_DAYS = 14
+EVAL_DAYS = 3
+TRAIN_START = TRAIN_END - TRAIN_DAYS * DAY_S
+# Relative traffic per local hour: quiet nights, a lunch bump and an evening peak.
+TRAFFIC_BY_HOUR = np.array([
+    2.0, 1.2, 0.7, 0.5, 0.4, 0.5, 1.0, 2.0, 3.0, 3.5, 3.8, 4.2,
+    4.8, 4.5, 4.0, 4.0, 4.2, 4.6, 5.2, 6.0, 6.6, 6.8, 5.8, 3.8])
+INTENT_TARGET_RATE = 0.4        # targets drawn from the row's intent category
+INTENT_EVENT_RATE = 0.6         # recent events in the intent category
+RECENT_WINDOW_S = 5 * DAY_S
+RECENT_MEAN_AGE_S = 1.2 * DAY_S
+OLD_MAX_AGE_S = 365 * DAY_S
+
+
+@dataclass
+class Rows:
+    """Per row [N]: request time, person, intent category and target item (latent indices)."""
+    ts: np.ndarray
+    person: np.ndarray
+    intent: np.ndarray
+    item: np.ndarray
+
+    def slice(self, lo: int, hi: int) -> "Rows":
+        return Rows(self.ts[lo:hi], self.person[lo:hi], self.intent[lo:hi], self.item[lo:hi])
+
+
+@dataclass
+class History:
+    """One domain's events, flat in row order: offsets [N + 1], then per event its owning row,
+    timestamp, age (request time - event time, seconds) and latent category."""
+    offsets: np.ndarray
+    row: np.ndarray
+    ts: np.ndarray
+    age: np.ndarray
+    cat: np.ndarray
+
+
+def _local_hours(rng: np.random.Generator, n: int) -> np.ndarray:
+    return categorical(rng, np.cumsum(TRAFFIC_BY_HOUR) / TRAFFIC_BY_HOUR.sum(), n)
+
+
+def draw_rows(world: World, rng: np.random.Generator, n: int, start: int, days: int) -> Rows:
+    """``n`` requests in ``days`` local days from ``start`` (sorted by time) and their targets."""
+    ts = (start + rng.integers(0, days, n) * DAY_S + _local_hours(rng, n) * 3600
+          + rng.integers(0, 3600, n))
+    ts.sort()
+    p = world.persons
+    person = categorical(rng, p.visit_cum, n)
+    intent = p.taste_table[person, rng.integers(0, TASTE_TABLE, n)]
+    it = world.items
+    from_intent = rng.random(n) < INTENT_TARGET_RATE
+    pos = np.searchsorted(it.by_cat_cum, intent + rng.random(n))
+    in_cat = it.by_cat[np.minimum(pos, N_ITEMS - 1)]
+    item = np.where(from_intent, in_cat, categorical(rng, it.pop_cum, n))
+    return Rows(ts.astype(np.int64), person, intent, item)
+
+
+def draw_histories(world: World, rng: np.random.Generator, rows: Rows) -> List[History]:
+    """Per domain: lengths, event times (a fifth in the last 5 days) and categories."""
+    n = rows.ts.size
+    recent_rate = rng.beta(0.8, 3.2, n)            # the row's recent burst, all domains
+    out = []
+    for dom in world.domains:
+        raw = dom.mean_len * world.persons.activity[rows.person] * rng.exponential(1.0, n)
+        lengths = np.minimum(raw.astype(np.int64), dom.cap)
+        row = np.repeat(np.arange(n), lengths)
+        recent = rng.random(row.size) < recent_rate[row]
+        u = rng.random(row.size)
+        recent_age = np.ceil(-RECENT_MEAN_AGE_S * np.log1p(
+            -u * (1.0 - math.exp(-RECENT_WINDOW_S / RECENT_MEAN_AGE_S))))
+        old_age = RECENT_WINDOW_S * np.exp(u * math.log(OLD_MAX_AGE_S / RECENT_WINDOW_S))
+        age = np.maximum(np.where(recent, recent_age, old_age), 1).astype(np.int64)
+        ts = rows.ts[row] - age
+        # Events older than a day move to a time of day drawn from the traffic profile (same
+        # local day), so that event hours follow the daily rhythm too.
+        old = np.flatnonzero(age > DAY_S)
+        local_day = (ts[old] + TZ_OFFSET_S) // DAY_S
+        ts[old] = (local_day * DAY_S - TZ_OFFSET_S + _local_hours(rng, old.size) * 3600
+                   + rng.integers(0, 3600, old.size))
+        person = rows.person[row]
+        taste_cat = world.persons.taste_table[person, rng.integers(0, TASTE_TABLE, row.size)]
+        intent = recent & (rng.random(row.size) < INTENT_EVENT_RATE)
+        cat = np.where(intent, rows.intent[row], taste_cat)
+        out.append(History(lengths_to_offsets(lengths), row, ts, rows.ts[row] - ts, cat))
+    return out
+
+
+def local_hour_dow(ts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Hour and day of week (Monday = 0) at UTC+8, as the pipeline derives them."""
+    t = ts + TZ_OFFSET_S
+    return (t // 3600) % 24, (t // DAY_S + 3) % 7
