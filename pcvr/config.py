@@ -52,6 +52,24 @@ def flag(default: Any, help: str, choices: Optional[Iterable[Any]] = None,
 
 DEFAULT_SEQ_MAX_LENS = "seq_a:256,seq_b:256,seq_c:512,seq_d:512"
 
+# Named starting points for ``--preset``: flag name -> value, declared once here and used by
+# run.sh, baseline/run.sh, the benchmarks and the tests. ``seed`` is the seed's active
+# configuration (the reference's run.sh); ``baseline`` switches its additions off again.
+SEED_PRESET: Dict[str, Any] = {
+    "experiment_name": "sota_activity_dense_utc8_pair6266_bf16train_fp32infer",
+    "ns_tokenizer_type": "rankmixer", "user_ns_tokens": 5, "item_ns_tokens": 2,
+    "num_queries": 2, "ns_groups_json": "", "emb_skip_threshold": 1000000, "num_workers": 8,
+    "use_time_buckets": True, "use_abs_time_emb": True, "time_zone_offset_hours": 8.0,
+    "use_user_activity_dense": True, "use_pair_62_66": True, "use_bf16_train": True,
+    "inference_dtype": "float32",
+}
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "seed": SEED_PRESET,
+    "baseline": dict(SEED_PRESET, experiment_name="official_baseline", use_abs_time_emb=False,
+                     time_zone_offset_hours=0.0, use_user_activity_dense=False,
+                     use_pair_62_66=False, use_bf16_train=False, num_epochs=999, patience=5),
+}
+
 
 @dataclass
 class DataConfig:
@@ -141,14 +159,14 @@ class ModelConfig:
                                           choices=("pre_mixer", "post_mixer"))
     head_cross_layers: int = flag(0, "HeadCrossNet layers (0 = off)")
     head_cross_init_scale: float = flag(0.01, "HeadCrossNet initial layer scale")
-    use_endogenous_decoupling: bool = flag(False, "decouple the target item (and, with "
-                                           "--decouple_user, the user) into atom and side "
-                                           "representations trained with self-supervised losses")
 
 
 @dataclass
 class DecouplingConfig:
     """Endogenous decoupling (second seed); defaults are the tuning log's values."""
+    use_endogenous_decoupling: bool = flag(False, "decouple the target item (and, with "
+                                           "--decouple_user, the user) into atom and side "
+                                           "representations trained with self-supervised losses")
     decouple_user: bool = flag(False, "also decouple the user (atom = user id-like fids)")
     decouple_item_atom_fids: str = flag("16", "item fids forming the item atom (id-like)")
     decouple_item_side_fids: str = flag("5,6,7,11", "item fids forming the item side "
@@ -172,7 +190,8 @@ class DecouplingConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, paths and logging: training only, never needed to rebuild the model."""
+    """Optimisation, paths and logging: training only, never needed to rebuild the model. An
+    environment variable named by a flag wins over the flag (the platform sets them)."""
     data_dir: Optional[str] = flag(None, "folder of *.parquet (+ schema.json) or one parquet "
                                    "file", env="TRAIN_DATA_PATH")
     schema_path: Optional[str] = flag(None, "schema.json (default <data_dir>/schema.json)")
@@ -183,6 +202,9 @@ class TrainConfig:
                                         env="TRAIN_TF_EVENTS_PATH")
     batch_size: int = flag(256, "batch size for training, validation and inference")
     lr: float = flag(1e-4, "AdamW learning rate (dense parameters)")
+    weight_decay: float = flag(0.01, "AdamW weight decay (dense parameters)")
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.98, "AdamW beta2")
     lr_schedule: str = flag("constant", "learning-rate schedule of both optimisers: "
                             "'constant' (the reference), 'cosine' = cosine decay to 0 over "
                             "num_epochs", choices=("constant", "cosine"))
@@ -217,6 +239,23 @@ class TrainConfig:
     inference_dtype: str = flag("float32", "dtype for validation and inference",
                                 choices=("float32",))
     experiment_name: str = flag("baseline", "recorded in train_config.json")
+    preset: str = flag("", "start from a named configuration (PRESETS: 'seed' = run.sh, "
+                       "'baseline' = the official baseline); flags given explicitly win",
+                       choices=("",) + tuple(sorted(PRESETS)))
+
+
+@dataclass
+class InferConfig:
+    """Inference paths (the platform sets the environment variables; locally, flags)."""
+    model_dir: Optional[str] = flag(None, "checkpoint folder (a global_step* folder, or a "
+                                    "checkpoint root with best_checkpoint.json)",
+                                    env="MODEL_OUTPUT_PATH")
+    data_dir: Optional[str] = flag(None, "folder of test *.parquet (may hold schema.json)",
+                                   env="EVAL_DATA_PATH")
+    result_dir: Optional[str] = flag(None, "output folder of predictions.json (created)",
+                                     env="EVAL_RESULT_PATH")
+    score: bool = flag(False, "read labels from the parquet and print the AUC (and, on demo "
+                       "data, the oracle AUC and the effect capture)")
 
 
 SECTIONS: Tuple[type, ...] = (DataConfig, ModelConfig, DecouplingConfig, TrainConfig)
@@ -250,9 +289,9 @@ def add_section_args(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
     for f in dataclasses.fields(cls):
         tp = _field_type(cls, f)
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help
         if "env" in f.metadata:
-            help_text += f" (env {f.metadata['env']} overrides)"
+            help_text += f" (env {f.metadata['env']})"
         if tp is bool:
             neg = f.metadata.get("negate") or "no_" + (
                 f.name[len("use_"):] if f.name.startswith("use_") else f.name)
@@ -278,16 +317,24 @@ def section_from_namespace(cls: Type[T], ns: argparse.Namespace) -> T:
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
+def env_values(sections: Iterable[type],
+               environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Field name -> value of every field of ``sections`` whose ``env`` variable is set."""
+    environ = os.environ if environ is None else environ
+    return {f.name: environ[f.metadata["env"]] for cls in sections
+            for f in dataclasses.fields(cls) if environ.get(f.metadata.get("env", ""))}
+
+
 def parse_config(argv: Optional[List[str]] = None,
                  environ: Optional[Mapping[str, str]] = None) -> Config:
-    """Parses the CLI; environment variables named by a field's ``env`` override it."""
-    ns = build_parser(description="Train the PCVR HyFormer model.").parse_args(argv)
-    environ = os.environ if environ is None else environ
-    for cls in SECTIONS:
-        for f in dataclasses.fields(cls):
-            var = f.metadata.get("env")
-            if var and environ.get(var):
-                setattr(ns, f.name, environ[var])
+    """Parses the CLI: a ``--preset``'s values first, then the flags given, then environment
+    variables named by a field's ``env``, each overriding the one before."""
+    parser = build_parser(description="Train the PCVR HyFormer model.")
+    preset, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRESETS.get(preset.preset, {}))
+    ns = parser.parse_args(argv)
+    for name, value in env_values(SECTIONS, environ).items():  # the platform's variables win
+        setattr(ns, name, value)
     return Config(**{_SECTION_ATTR[c]: section_from_namespace(c, ns) for c in SECTIONS})
 
 
@@ -304,16 +351,18 @@ class ConfigError(ValueError):
 
 
 def from_flat_dict(d: Mapping[str, Any], source: str = "train_config.json",
-                   sections: Iterable[type] = REBUILD_SECTIONS) -> Config:
+                   sections: Iterable[type] = REBUILD_SECTIONS,
+                   derived: Iterable[str] = ()) -> Config:
     """Rebuilds the sections inference needs, strictly.
 
     Every field of ``sections`` must be present (a missing key is an error naming it), and
-    every key must be a known field of some section (an unknown key is an error too, since it
-    means the checkpoint came from a different version of the code). Training-only fields
-    are taken when present and defaulted otherwise.
+    every key must be a known field of some section or one of ``derived`` (keys recorded
+    beside the flags, checked by their owner); an unknown key is an error too, since it means
+    the checkpoint came from a different version of the code. Training-only fields are taken
+    when present and defaulted otherwise.
     """
     sections = tuple(sections)
-    known = {f.name for c in SECTIONS for f in dataclasses.fields(c)} | DERIVED_KEYS
+    known = {f.name for c in SECTIONS for f in dataclasses.fields(c)} | set(derived)
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; the checkpoint was written by "
@@ -329,10 +378,6 @@ def from_flat_dict(d: Mapping[str, Any], source: str = "train_config.json",
                                   f"({cls.__name__}); cannot rebuild the model strictly")
         setattr(cfg, _SECTION_ATTR[cls], cls(**kwargs))
     return cfg
-
-
-# Keys written to train_config.json that are derived, not flags (checked on load).
-DERIVED_KEYS = frozenset({"num_time_buckets"})
 
 
 def parse_int_list(text: str) -> List[int]:

@@ -118,3 +118,16 @@ def varied_table(user_ids: Sequence[int]) -> pa.Table:
             name = f"{dom['prefix']}_{fid}"
             base = base.set_column(base.schema.get_field_index(name), name, arr)
     return base
+
+
+def flat(batch) -> Dict[str, Any]:
+    """A ``pcvr.batch.Batch`` as one flat dict with the per-row reference's key names
+    (``user_int_feats``, ``seq_a``, ``seq_a_len``, ...); the arrays are shared, not copied."""
+    out = {"user_int_feats": batch.user_int, "item_int_feats": batch.item_int,
+           "user_dense_feats": batch.user_dense, "item_dense_feats": batch.item_dense,
+           "label": batch.label, "timestamp": batch.timestamp, "user_id": batch.user_id,
+           "hour": batch.hour, "dayofweek": batch.dayofweek, "data_stats": batch.data_stats}
+    for d, s in batch.seq.items():
+        out.update({d: s.ids, f"{d}_len": s.lens, f"{d}_time_bucket": s.time_bucket,
+                    f"{d}_hour": s.hour, f"{d}_dayofweek": s.dayofweek})
+    return out

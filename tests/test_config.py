@@ -45,6 +45,30 @@ def test_seed_command_line_parses():
     assert parse_config(["--no_time_buckets"], environ={}).model.use_time_buckets is False
 
 
+def test_the_seed_preset_is_the_seed_command_line_and_explicit_flags_win():
+    seed_cli = parse_config(shlex.split("""--experiment_name
+        sota_activity_dense_utc8_pair6266_bf16train_fp32infer --ns_tokenizer_type rankmixer
+        --user_ns_tokens 5 --item_ns_tokens 2 --num_queries 2 --ns_groups_json ""
+        --emb_skip_threshold 1000000 --num_workers 8 --use_time_buckets --use_abs_time_emb
+        --time_zone_offset_hours 8 --use_user_activity_dense --use_pair_62_66 --use_bf16_train
+        --inference_dtype float32"""), environ={})
+    preset = parse_config(["--preset", "seed"], environ={})
+    assert dataclasses.replace(preset.train, preset="") == seed_cli.train
+    assert (preset.model, preset.data) == (seed_cli.model, seed_cli.data)
+    mixed = parse_config(["--no_pair_62_66", "--preset", "seed", "--num_workers", "2"],
+                         environ={})
+    assert not mixed.model.use_pair_62_66 and mixed.train.num_workers == 2
+    assert mixed.model.use_abs_time_emb and mixed.train.preset == "seed"
+    base = parse_config(["--preset", "baseline"], environ={})
+    assert not (base.model.use_abs_time_emb or base.model.use_pair_62_66
+                or base.train.use_bf16_train or base.data.use_user_activity_dense)
+
+
+def test_every_help_text_is_printable():
+    config.build_parser((config.InferConfig,)).format_help()
+    assert "d_model % num_heads" in config.build_parser().format_help()  # '%' is escaped
+
+
 def test_env_overrides_cli():
     env = {"TRAIN_DATA_PATH": "/d", "TRAIN_CKPT_PATH": "/c", "TRAIN_LOG_PATH": "/l",
            "TRAIN_TF_EVENTS_PATH": "/e"}
@@ -57,7 +81,7 @@ def test_round_trip_and_strictness():
     cfg = parse_config(["--d_model", "32", "--ns_self_attn_impl", "autoint",
                         "--ns_autoint_layers", "3"], environ={})
     flat = to_flat_dict(cfg)
-    again = from_flat_dict(dict(flat, num_time_buckets=64))
+    again = from_flat_dict(dict(flat, num_time_buckets=64), derived=["num_time_buckets"])
     assert again.model == cfg.model and again.data == cfg.data
     assert again.decoupling == cfg.decoupling
     for section in (DataConfig, ModelConfig, DecouplingConfig):

@@ -1,4 +1,4 @@
-"""dataset.py: the golden example, vectorised conversion against a per-row reference, bad
+"""The data pipeline (pcvr/data): the golden example, vectorised conversion against a per-row reference, bad
 input, splits, shuffling and workers."""
 import bisect
 import contextlib
@@ -14,14 +14,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pcvr.data.convert as dataset
+import pcvr.data.convert as convert_module
+import pcvr.data.events as events
+import pcvr.data.files as files
 import pcvr.data.kernels as kernels
-from _parquet_util import (GOLDEN_SCHEMA, GOLDEN_SEQ_MAX_LENS, INT_LIST, T, TINY_SCHEMA,
+from pcvr.data.loaders import get_eval_loader, get_pcvr_data, make_loader
+from pcvr.data.stream import PCVRDataset
+from _parquet_util import (flat, GOLDEN_SCHEMA, GOLDEN_SEQ_MAX_LENS, INT_LIST, T, TINY_SCHEMA,
                            TINY_SEQ_MAX_LENS, golden_table, tiny_table, varied_table,
                            write_dataset)
 from pcvr.config import DataConfig, parse_seq_max_lens
-from pcvr.data.convert import (BatchConverter, DataError, DataStats, PCVRDataset, get_eval_loader,
-                     get_pcvr_data, recent_order, split_row_groups)
+from pcvr.config import TrainConfig
+from pcvr.data.convert import BatchConverter, DataStats
+from pcvr.data.events import recent_order
+from pcvr.data.files import DataError, split_row_groups
 from pcvr.schema import NUM_TIME_BUCKETS, PAIR_FIDS, TIME_BUCKET_BOUNDARIES, parse_schema
 
 LN2, LN3, LN4 = math.log1p(1), math.log1p(2), math.log1p(3)
@@ -38,7 +44,13 @@ def convert(table, schema, seq_max_lens, read_labels=True, **cfg):
     layout = layout_of(schema, seq_max_lens, data_cfg.use_user_activity_dense)
     conv = BatchConverter(layout, data_cfg, read_labels)
     rb = table.select(list(conv.columns)).combine_chunks().to_batches()[0]
-    return conv(rb), conv
+    return flat(conv(rb)), conv
+
+
+def train_cfg(batch_size: int, **kw) -> TrainConfig:
+    """Loader settings of the tests: no workers, no shuffle buffer, no held-out rows."""
+    return TrainConfig(**dict(dict(batch_size=batch_size, num_workers=0, buffer_batches=0,
+                                   train_ratio=1.0, valid_ratio=0.0, seed=0), **kw))
 
 
 def stats_of(batch, conv):
@@ -57,9 +69,11 @@ def test_golden_example(tmp_path):
     """pipeline_spec Appendix A through the real loader; changed values name their fix."""
     write_dataset(str(tmp_path), [golden_table()], GOLDEN_SCHEMA)
     cfg = DataConfig(seq_max_lens=GOLDEN_SEQ_MAX_LENS, time_zone_offset_hours=8)
-    train, valid, layout, info = get_pcvr_data(str(tmp_path), None, cfg, 8, 0, 0, 1.0, 0.0, 0)
+    layout = layout_of(GOLDEN_SCHEMA, GOLDEN_SEQ_MAX_LENS)
+    train, valid, info = get_pcvr_data(str(tmp_path), layout, cfg, train_cfg(8, valid_ratio=0.0))
     assert valid is None and info["rows"] == 3
-    (b,) = list(train)
+    (batch,) = list(train)
+    b = flat(batch)
     got = {k: v.tolist() for k, v in b.items()}
     assert got["label"] == [1.0, 0.0, 0.0]
     assert got["user_id"] == [10, 11, 12]
@@ -106,7 +120,7 @@ def test_golden_example(tmp_path):
                            else torch.int32) for k, v in b.items())
     assert all(v.is_contiguous() for v in b.values())
     stats = DataStats(train.stat_names)
-    stats.add(b)
+    stats.add(batch)
     assert {k: v for k, v in stats.as_dict().items() if v} == {
         "rows": 3, "oov/user_int_feats_15": 1, "oov/item_int_feats_5": 1}
     assert stats.summary_lines() == ["3 rows", "oov: user_int_feats_15=1, item_int_feats_5=1"]
@@ -149,7 +163,7 @@ def clean_id(x, vocab):
 def slow_convert(rows, layout, cfg, read_labels):
     """Obviously correct, one row and one element at a time."""
     off = int(round(cfg.time_zone_offset_hours * 3600))
-    names = dataset.stat_names(layout)
+    names = convert_module.stat_names(layout)
     stats = dict.fromkeys(names, 0)
     stats["rows"] = len(rows)
     out = {k: [] for k in ("user_int_feats", "item_int_feats", "user_dense_feats",
@@ -347,10 +361,11 @@ def check_conversion(rows, keep, pad, tz, labels):
     # Converting into scattered rows of a shared buffer (the shuffle path) gives the same rows,
     # zero-padded to max_len.
     perm = np.random.default_rng(len(rows)).permutation(2 * len(rows))[:len(rows)]
-    buf = conv.allocate(2 * len(rows))
+    pool = conv.allocate(2 * len(rows))
+    buf = flat(pool)
     for k in history_keys(conv.layout):
         buf[k][:] = 99  # stale rows of an earlier pass: overwritten up to max_len
-    conv(table.select(list(conv.columns)).combine_chunks().to_batches()[0], buf, perm)
+    conv(table.select(list(conv.columns)).combine_chunks().to_batches()[0], pool, perm)
     for k in want:
         if k != "data_stats":
             width = got[k].shape[-1] if k in history_keys(conv.layout) else None
@@ -397,7 +412,7 @@ def test_compiled_kernels_match_numpy(seed):
             times = [np.full((2 * B, width + 3), 77, np.int32) for _ in range(3)]
             oov = kernels.gather_ids(values, starts, lens, order, vocab, ids, rows)
             kernels.time_features(ts, starts, lens, order, ts_row, 8 * 3600,
-                                  dataset._BUCKET_EDGES, *times, out_rows=rows)
+                                  convert_module._BUCKET_EDGES, *times, out_rows=rows)
             results.append((oov, ids, *times))
     assert results[0][0] == results[1][0] > 0
     for got, want in zip(results[0][1:], results[1][1:]):
@@ -517,7 +532,7 @@ def test_activity_counts_search_sorted_rows_like_a_scan(rows, ts_row):
     n = np.array([len(r) for r in rows], dtype=np.int64)
     key = np.maximum(np.array([x for r in rows for x in r], dtype=np.int64), 0)
     ts = np.full(len(rows), ts_row, dtype=np.int64)
-    got = dataset._activity_counts(key, n, ts, dataset.order_counts(key, n))
+    got = events.activity_counts(key, n, ts, events.order_counts(key, n))
     for got_row, r in zip(got.tolist(), rows):
         assert got_row == [sum(1 for t in r if t > 0 and 0 < ts_row - t <= w) for w in WINDOWS]
 
@@ -576,10 +591,11 @@ def test_int32_scalars_and_large_lists_are_accepted(tmp_path):
                              table.column("domain_d_seq_17").cast(pa.large_list(pa.int32())))
     write_dataset(str(tmp_path), [table], GOLDEN_SCHEMA)
     cfg = DataConfig(seq_max_lens=GOLDEN_SEQ_MAX_LENS)
-    train, _, _, _ = get_pcvr_data(str(tmp_path), None, cfg, 8, 0, 0, 1.0, 0.0, 0)
+    layout = layout_of(GOLDEN_SCHEMA, GOLDEN_SEQ_MAX_LENS)
+    train, _, _ = get_pcvr_data(str(tmp_path), layout, cfg, train_cfg(8))
     (b,) = list(train)
-    assert b["item_int_feats"].tolist() == [[6], [7], [0]]
-    assert b["seq_d"][0, 0, :2].tolist() == [4, 4]
+    assert b.item_int.tolist() == [[6], [7], [0]]
+    assert b.seq["seq_d"].ids[0, 0, :2].tolist() == [4, 4]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -591,7 +607,9 @@ def load(folder, **kw):
     args = dict(batch_size=4, num_workers=0, buffer_batches=2, train_ratio=1.0, valid_ratio=0.25,
                 seed=0)
     args.update(kw)
-    return get_pcvr_data(str(folder), None, tiny_cfg(), **args)
+    layout = layout_of(TINY_SCHEMA, TINY_SEQ_MAX_LENS)
+    train, valid, info = get_pcvr_data(str(folder), layout, tiny_cfg(), TrainConfig(**args))
+    return train, valid, layout, info
 
 
 def test_empty_folder_and_missing_path(tmp_path):
@@ -650,11 +668,12 @@ def test_corrupt_row_group_names_file_row_group_and_column(tmp_path):
 # ------------------------------------------------------------------------ split, shuffle, workers
 def user_ids(loader, epoch=0):
     loader.set_epoch(epoch)
-    return [u for b in loader for u in b["user_id"].tolist()]
+    return [u for b in loader for u in b.user_id.tolist()]
 
 
 def assert_aligned(batch):
     """Every feature of the tiny dataset is a function of the row's user id."""
+    batch = flat(batch)
     u = batch["user_id"]
     v = u % 997 + 1
     assert torch.equal(batch["user_int_feats"], torch.stack([v, v, v], 1))
@@ -703,15 +722,15 @@ def test_single_row_group_splits_rows(tmp_path):
         with pytest.raises(ValueError, match="_ratio must be in"):
             load(tmp_path, train_ratio=train_ratio, valid_ratio=valid_ratio)
     with pytest.raises(DataError, match="too few"):
-        split_row_groups(dataset.scan_parquet(
-            dataset.list_parquet_files(str(tmp_path)), {})[0][:1], 1.0, 0.95)
+        split_row_groups(files.scan_parquet(
+            files.list_parquet_files(str(tmp_path)), {})[0][:1], 1.0, 0.95)
 
 
 def test_shuffle_keeps_rows_aligned_and_batches_full(tiny):
     train, _, _, _ = load(tiny, valid_ratio=0.0, batch_size=5, buffer_batches=2)
     batches = list(train)
-    assert [len(b["label"]) for b in batches] == [5] * 11 + [2]
-    got = [u for b in batches for u in b["user_id"].tolist()]
+    assert [b.size for b in batches] == [5] * 11 + [2]
+    got = [u for b in batches for u in b.user_id.tolist()]
     assert sorted(got) == list(range(57)) and got != sorted(got)
     for b in batches:
         assert_aligned(b)
@@ -727,7 +746,7 @@ def test_set_epoch_reshuffles_deterministically(tiny):
     orders = []
     for epoch in (0, 1, 0):
         train.set_epoch(epoch)
-        orders.append([(u.path, u.row_group) for u in ds.epoch_units()])
+        orders.append([(rg.path, rg.row_group) for rg in ds.epoch_row_groups()])
     assert orders[0] == orders[2] and orders[0] != orders[1]
     assert sorted(orders[0]) == sorted(orders[1])
     assert user_ids(train, 3) == user_ids(train, 3) != user_ids(train, 4)
@@ -737,34 +756,34 @@ def test_set_epoch_reshuffles_deterministically(tiny):
 def test_two_workers_read_every_row_once(tiny, shuffle):
     cfg = tiny_cfg()
     layout = layout_of(TINY_SCHEMA, TINY_SEQ_MAX_LENS)
-    units, _ = dataset.scan_parquet(dataset.list_parquet_files(str(tiny)),
-                                    dataset.required_columns(layout, True))
+    units, _ = files.scan_parquet(files.list_parquet_files(str(tiny)),
+                                    files.required_columns(layout, True))
     ds = PCVRDataset(units, layout, cfg, 4, shuffle=shuffle, buffer_batches=3, seed=1)
-    loader = dataset.make_loader(ds, num_workers=2, pin_memory=False)
+    loader = make_loader(ds, num_workers=2, pin_memory=False)
     batches = list(loader)
-    got = [u for b in batches for u in b["user_id"].tolist()]
+    got = [u for b in batches for u in b.user_id.tolist()]
     assert sorted(got) == list(range(57))
     for b in batches:
         assert_aligned(b)
-    assert sum(int(b["data_stats"][0]) for b in batches) == 57
+    assert sum(int(b.data_stats[0]) for b in batches) == 57
 
 
 def test_eval_loader_reads_all_rows_and_labels_only_when_asked(tiny, tmp_path):
     layout = layout_of(TINY_SCHEMA, TINY_SEQ_MAX_LENS)
     loader = get_eval_loader(str(tiny), layout, tiny_cfg(), 4, 0, read_labels=True)
     batches = list(loader)
-    assert [u for b in batches for u in b["user_id"].tolist()] == list(range(57))  # stored order
-    assert [len(b["label"]) for b in batches] == [4, 2] * 9 + [3]  # row groups of 6, 6, .., 3
+    assert [u for b in batches for u in b.user_id.tolist()] == list(range(57))  # stored order
+    assert [b.size for b in batches] == [4, 2] * 9 + [3]  # row groups of 6, 6, .., 3
     for b in batches:
         assert_aligned(b)
-    assert sum(float(b["label"].sum()) for b in batches) == 19
+    assert sum(float(b.label.sum()) for b in batches) == 19
     no_labels = get_eval_loader(str(tiny), layout, tiny_cfg(), 8, 0, read_labels=False)
-    assert all(float(b["label"].sum()) == 0 for b in no_labels)
+    assert all(float(b.label.sum()) == 0 for b in no_labels)
     # A test set without label_type (or with only nulls) works, with labels all 0.
     write_dataset(str(tmp_path), [tiny_table(range(5)).drop_columns(["label_type"])],
                   TINY_SCHEMA)
     (b,) = list(get_eval_loader(str(tmp_path), layout, tiny_cfg(), 8, 0, read_labels=True))
-    assert b["label"].tolist() == [0.0] * 5 and b["user_id"].tolist() == list(range(5))
+    assert b.label.tolist() == [0.0] * 5 and b.user_id.tolist() == list(range(5))
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -773,11 +792,11 @@ def test_histories_are_trimmed_to_each_batch(tmp_path, shuffle):
     through the shuffle buffer and the plain path alike; the rows are unchanged."""
     write_dataset(str(tmp_path), [varied_table(range(40))], TINY_SCHEMA, rows_per_group=10)
     layout = layout_of(TINY_SCHEMA, TINY_SEQ_MAX_LENS)
-    units, _ = dataset.scan_parquet(dataset.list_parquet_files(str(tmp_path)),
-                                    dataset.required_columns(layout, True))
+    units, _ = files.scan_parquet(files.list_parquet_files(str(tmp_path)),
+                                    files.required_columns(layout, True))
     ds = PCVRDataset(units, layout, tiny_cfg(), 4, shuffle=shuffle, buffer_batches=2, seed=3)
     widths, seen = set(), []
-    for b in ds:
+    for b in map(flat, ds):
         u = b["user_id"]
         seen += u.tolist()
         n = u % 4  # events per row, all kept (max_len 3)

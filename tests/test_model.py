@@ -17,7 +17,10 @@ sys.path.insert(0, ROOT)
 from pcvr.config import DecouplingConfig, ModelConfig  # noqa: E402
 from pcvr.model.tokens import (DENSE_GRAD_MAX_ROWS, NSFeatureEmbedding,  # noqa: E402
                             RankMixerNSTokenizer, signed_log1p)
-from pcvr.model.hyformer import PCVRHyFormer, build_model, load_ns_groups  # noqa: E402
+from pcvr.batch import Batch, SeqBatch  # noqa: E402
+from pcvr.config import Config  # noqa: E402
+from pcvr.model.build import build_model, load_ns_groups  # noqa: E402
+from pcvr.model.hyformer import PCVRHyFormer  # noqa: E402
 import pcvr.model.modules as modules  # noqa: E402
 from pcvr.model.modules import (CrossAttention, Dropout, LongerEncoder, RowBuckets, attend,  # noqa: E402
                      token_mix, valid_mask)
@@ -69,7 +72,7 @@ def make_model(cfg: Optional[ModelConfig] = None, layout: FeatureLayout = LAYOUT
 
 
 def make_batch(layout: FeatureLayout = LAYOUT, batch: int = 4, seed: int = 0,
-               lens: Optional[Dict[str, Sequence[int]]] = None) -> Dict[str, torch.Tensor]:
+               lens: Optional[Dict[str, Sequence[int]]] = None) -> Batch:
     """Random batch in the data pipeline's format (ids in [0, vocab], padding zeroed)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -78,12 +81,15 @@ def make_batch(layout: FeatureLayout = LAYOUT, batch: int = 4, seed: int = 0,
                 for s in specs]
         return torch.cat(cols, dim=1)
 
-    out = {"user_int_feats": ints(layout.user_int), "item_int_feats": ints(layout.item_int),
-           "user_dense_feats": torch.randn(batch, layout.user_dense_dim, generator=g) * 1e3,
-           "item_dense_feats": torch.randn(batch, layout.item_dense_dim, generator=g),
-           "hour": torch.randint(0, 24, (batch,), generator=g),
-           "dayofweek": torch.randint(0, 7, (batch,), generator=g),
-           "label": torch.randint(0, 2, (batch,), generator=g)}
+    flat = dict(user_int=ints(layout.user_int), item_int=ints(layout.item_int),
+                user_dense=torch.randn(batch, layout.user_dense_dim, generator=g) * 1e3,
+                item_dense=torch.randn(batch, layout.item_dense_dim, generator=g),
+                hour=torch.randint(0, 24, (batch,), generator=g),
+                dayofweek=torch.randint(0, 7, (batch,), generator=g),
+                label=torch.randint(0, 2, (batch,), generator=g),
+                timestamp=torch.zeros(batch, dtype=torch.long),
+                user_id=torch.arange(batch))
+    seq = {}
     for dom in layout.seq:
         n = dom.max_len
         length = (torch.tensor(lens[dom.name]) if lens and dom.name in lens
@@ -91,12 +97,12 @@ def make_batch(layout: FeatureLayout = LAYOUT, batch: int = 4, seed: int = 0,
         valid = valid_mask(length, n)
         ids = torch.stack([torch.randint(1, s.vocab_size + 1, (batch, n), generator=g)
                            for s in dom.side], dim=1)
-        out[dom.name] = ids * valid.unsqueeze(1)
-        out[f"{dom.name}_len"] = length
-        out[f"{dom.name}_time_bucket"] = torch.randint(1, 64, (batch, n), generator=g) * valid
-        out[f"{dom.name}_hour"] = torch.randint(1, 25, (batch, n), generator=g) * valid
-        out[f"{dom.name}_dayofweek"] = torch.randint(1, 8, (batch, n), generator=g) * valid
-    return out
+        seq[dom.name] = SeqBatch(
+            ids=ids * valid.unsqueeze(1), lens=length,
+            time_bucket=torch.randint(1, 64, (batch, n), generator=g) * valid,
+            hour=torch.randint(1, 25, (batch, n), generator=g) * valid,
+            dayofweek=torch.randint(1, 8, (batch, n), generator=g) * valid)
+    return Batch(**flat, seq=seq, data_stats=torch.zeros(1, dtype=torch.long))
 
 
 def same_weights_prediction(off: ModelConfig, on: ModelConfig) -> None:
@@ -116,8 +122,8 @@ def test_forward_output_and_token_accounting():
     model = make_model(make_cfg(use_pair_62_66=True, use_abs_time_emb=True)).train()
     out = model(make_batch())
     assert out.logits.shape == (4, 2) and out.aux_losses == {} and out.sample_weight is None
-    assert model.num_ns_tokens == 4 and model.num_tokens == 4 * 1 + 4
-    assert (model.item_ns_start, model.item_ns_end) == (2, 3)
+    assert model.ns.num_tokens == 4 and model.num_tokens == 4 * 1 + 4
+    assert model.ns.item_span == (2, 3)
     out.logits.sum().backward()
     assert model.predict(make_batch()).shape == (4, 2)
 
@@ -150,7 +156,7 @@ def test_encoders_and_mixers(encoder, mixer):
 ])
 def test_ns_token_count(extra, n_ns):
     model = make_model(make_cfg(**extra))
-    assert model.num_ns_tokens == n_ns and model.num_tokens == 4 + n_ns
+    assert model.ns.num_tokens == n_ns and model.num_tokens == 4 + n_ns
     assert model(make_batch()).logits.shape == (4, 2)
 
 
@@ -159,7 +165,7 @@ def test_no_dense_tokens_without_dense_features():
     raw["user_dense"] = []
     layout = make_layout(raw, activity=False)
     model = make_model(make_cfg(rank_mixer_mode="none"), layout=layout)
-    assert model.num_ns_tokens == 2 and model.user_dense_token is None
+    assert model.ns.num_tokens == 2 and model.ns.user_dense_token is None
     assert model(make_batch(layout)).logits.shape == (4, 2)
 
 
@@ -169,10 +175,10 @@ def test_group_tokenizer_one_token_per_group():
         "item_ns_groups": {"x": [16, 11], "y": [5, 6, 7, 9]}}
     cfg = make_cfg(ns_tokenizer_type="group", rank_mixer_mode="ffn_only")
     model = make_model(cfg, ns_groups=groups)
-    assert model.user_tokenizer.num_tokens == 3 and model.item_tokenizer.num_tokens == 2
-    assert model.user_tokenizer.heads.widths == [3 * 8, 4 * 8, 8 * 8]
-    emb = model.user_tokenizer.embedding(make_batch()["user_int_feats"])
-    assert emb.shape == (4, 15, 8) and model.user_tokenizer(emb).shape == (4, 3, 16)
+    assert model.ns.user_tokenizer.num_tokens == 3 and model.ns.item_tokenizer.num_tokens == 2
+    assert model.ns.user_tokenizer.heads.widths == [3 * 8, 4 * 8, 8 * 8]
+    emb = model.ns.user_tokenizer.embedding(make_batch().user_int)
+    assert emb.shape == (4, 15, 8) and model.ns.user_tokenizer(emb).shape == (4, 3, 16)
 
 
 def test_rankmixer_tokenizer_chunks_and_randomized_split():
@@ -187,7 +193,7 @@ def test_rankmixer_tokenizer_chunks_and_randomized_split():
     assert sorted(rand.order.tolist()) == list(range(15))  # whole fids, each exactly once
     again = RankMixerNSTokenizer(emb, singletons, 4, 16, randomized_seed=42)
     assert torch.equal(rand.order, again.order)
-    x = emb(make_batch()["user_int_feats"])
+    x = emb(make_batch().user_int)
     assert rand(x).shape == (4, 4, 16) and odd(x).shape == (4, 7, 16)
 
 
@@ -249,7 +255,7 @@ def test_dense_inputs_are_log_compressed():
     torch.testing.assert_close(signed_log1p(x), torch.sign(x) * torch.log1p(x.abs()))
     model = make_model(make_cfg(use_pair_62_66=True))
     batch = make_batch()
-    batch["user_dense_feats"] = batch["user_dense_feats"] * 1e5
+    batch.user_dense = batch.user_dense * 1e5
     assert torch.isfinite(model(batch).logits).all()
 
 
@@ -279,15 +285,15 @@ def test_padding_time_ids_contribute_zero():
     opt = torch.optim.Adagrad(model.sparse_parameters(), lr=0.5)
     model(batch).logits.sum().backward()
     opt.step()
-    for name, seq in zip(model.seq_tokenizers, model._sequence_tokens(batch)):
+    for name, seq in zip(model.seq.tokenizers, model.seq(batch)):
         padded = 0
-        for x, n, ids in zip(seq.tokens, seq.lens, seq.buckets.split(batch[name], seq_dim=2)):
-            plain = model.seq_tokenizers[name](ids)
+        for x, n, ids in zip(seq.tokens, seq.lens, seq.buckets.split(batch.seq[name].ids, seq_dim=2)):
+            plain = model.seq.tokenizers[name](ids)
             pad = ~valid_mask(n, x.shape[1])
             padded += int(pad.sum())
             assert torch.equal(x[pad], plain[pad])
         assert padded > 0
-    for table in (model.time_bucket_emb, model.seq_hour_emb, model.seq_dow_emb):
+    for table in (model.seq.time_bucket_emb, model.seq.hour_emb, model.seq.dow_emb):
         assert torch.equal(table.weight[0], torch.zeros(16))
 
 
@@ -416,13 +422,13 @@ def test_length_buckets_do_not_change_outputs_or_gradients(cfg, monkeypatch):
         for name, value in (("ROW_QUANTUM", row_quantum), ("LEN_QUANTUM", len_quantum),
                             ("BUCKET_OVERHEAD", overhead)):
             monkeypatch.setattr(modules, name, value)
-        model.max_seq_buckets = buckets
+        model.seq.max_seq_buckets = buckets
         model.zero_grad()
         model.train()(batch).logits.sum().backward()
         grads = {n: p.grad.to_dense().clone() for n, p in model.named_parameters()
                  if p.grad is not None}
         results.append((model.eval().predict(batch), grads))
-    plan = RowBuckets(batch["seq_c_len"], 8, 8)
+    plan = RowBuckets(batch.seq["seq_c"].lens, 8, 8)
     assert len(plan.bounds) > 2  # the second run really used several buckets
     (pred_one, grads_one), (pred_many, grads_many) = results
     torch.testing.assert_close(pred_many, pred_one, rtol=1e-5, atol=1e-6)
@@ -443,31 +449,32 @@ def test_predict_records_no_graph():
 def test_sparse_step_changes_only_rows_seen_in_the_batch():
     model = make_model(make_cfg(use_pair_62_66=True)).train()
     tables = dict(model.named_modules())
-    big = [tables["item_tokenizer.embedding.tables.16"], tables["seq_tokenizers.seq_a.tables.38"]]
-    assert all(t.sparse for t in big) and not tables["seq_tokenizers.seq_a.tables.40"].sparse
+    big = [tables["ns.item_tokenizer.embedding.tables.16"],
+           tables["seq.tokenizers.seq_a.tables.38"]]
+    assert all(t.sparse for t in big) and not tables["seq.tokenizers.seq_a.tables.40"].sparse
     before = {id(t): t.weight.detach().clone() for t in model.feature_tables()}
     batch = make_batch()
-    batch["user_dense_feats"] = batch["user_dense_feats"].abs() + 1  # no zero pair weight
+    batch.user_dense = batch.user_dense.abs() + 1  # no zero pair weight
     opt = torch.optim.Adagrad(model.sparse_parameters(), lr=0.1)
     F.binary_cross_entropy_with_logits(model(batch).logits[:, 0],
-                                       batch["label"].float()).backward()
+                                       batch.label.float()).backward()
     assert all(t.weight.grad.is_sparse for t in big)
     opt.step()
-    owners = {id(t): (emb, fid) for emb in (model.user_tokenizer.embedding,
-                                            model.item_tokenizer.embedding)
+    owners = {id(t): (emb, fid) for emb in (model.ns.user_tokenizer.embedding,
+                                            model.ns.item_tokenizer.embedding)
               for fid, t in ((int(k), v) for k, v in emb.tables.items())}
     for table in model.feature_tables():
         changed = (table.weight.detach() != before[id(table)]).any(dim=1)
         if id(table) in owners:
             emb, fid = owners[id(table)]
             spec = next(s for s in emb.specs if s.fid == fid)
-            key = "user_int_feats" if emb is model.user_tokenizer.embedding else "item_int_feats"
-            ids = batch[key][:, spec.offset:spec.offset + spec.length]
+            group = batch.user_int if emb is model.ns.user_tokenizer.embedding else batch.item_int
+            ids = group[:, spec.offset:spec.offset + spec.length]
         else:
-            name = next(n for n, m in model.seq_tokenizers.items() if table in m.tables.values())
-            index = next(i for i, k, _ in model.seq_tokenizers[name].features
-                         if model.seq_tokenizers[name].tables[k] is table)
-            ids = batch[name][:, index]
+            name = next(n for n, m in model.seq.tokenizers.items() if table in m.tables.values())
+            index = next(i for i, k, _ in model.seq.tokenizers[name].features
+                         if model.seq.tokenizers[name].tables[k] is table)
+            ids = batch.seq[name].ids[:, index]
         seen = torch.zeros(table.num_embeddings, dtype=torch.bool)
         seen[ids.flatten()] = True
         seen[0] = False
@@ -498,7 +505,7 @@ def test_reinit_only_touches_tables_above_threshold():
             assert not torch.all(table.weight[1:] == 0.5)
         else:
             assert torch.all(table.weight == 0.5)
-    for table in model._time_tables():
+    for table in model.time_tables():
         assert torch.all(table.weight == 0.5)
     assert len(model.reinit_high_cardinality_params(0)) == len(model.feature_tables())
 
@@ -507,44 +514,48 @@ def test_reinit_only_touches_tables_above_threshold():
 def test_request_time_is_added_to_user_tokens_only(to_dense):
     model = make_model(make_cfg(use_abs_time_emb=True, add_user_time_to_dense_tok=to_dense))
     batch = make_batch()
-    other = dict(batch, hour=(batch["hour"] + 5) % 24)
+    other = dataclasses.replace(batch, hour=(batch.hour + 5) % 24)
     with torch.no_grad():
-        changed = (model._ns_tokens(batch)[0] != model._ns_tokens(other)[0]).any(-1).any(0)
+        changed = (model.ns(batch)[0] != model.ns(other)[0]).any(-1).any(0)
     # Tokens: [user NS][user dense][item NS][item dense].
     assert changed.tolist() == [True, to_dense, False, False]
 
 
 def test_user_time_missing_as_padding_tables():
     model = make_model(make_cfg(use_abs_time_emb=True), user_time_missing_as_padding=True)
-    assert model.user_hour_emb.num_embeddings == 25 and model.user_dow_emb.padding_idx == 0
+    assert model.ns.user_hour_emb.num_embeddings == 25 and model.ns.user_dow_emb.padding_idx == 0
     batch = make_batch()
-    batch["hour"], batch["dayofweek"] = torch.tensor([0, 1, 24, 5]), torch.tensor([0, 1, 7, 3])
+    batch.hour, batch.dayofweek = torch.tensor([0, 1, 24, 5]), torch.tensor([0, 1, 7, 3])
     assert torch.isfinite(model(batch).logits).all()
 
 
 # ----------------------------------------------------------------------------- decoupling
 
 def test_endogenous_decoupling_adds_losses_not_tokens():
-    dcfg = DecouplingConfig(decouple_user=True, decouple_ipw=True, decouple_user_atom_fids="3,4",
-                            decouple_user_side_fids="1,48,49,50", decouple_dim=8)
+    dcfg = DecouplingConfig(use_endogenous_decoupling=True, decouple_user=True,
+                            decouple_ipw=True, decouple_user_atom_fids="3,4",
+                            decouple_user_side_fids="1,48,49,50", decouple_dim=8,
+                            decouple_loss_weight=0.3)
     plain = make_model(make_cfg())
-    model = make_model(make_cfg(use_endogenous_decoupling=True), dcfg=dcfg)
+    model = make_model(make_cfg(), dcfg=dcfg)
     assert model.num_tokens == plain.num_tokens
     out = model(make_batch())
     assert {k.split("/")[0] for k in out.aux_losses} == {"item", "user"}
     assert {"item/side_ssl", "item/stage1", "item/atom_orth_ssl"} <= set(out.aux_losses)
     assert out.sample_weight.shape == (4,)
     torch.testing.assert_close(out.sample_weight.mean(), torch.tensor(1.0))
-    (out.logits.sum() + sum(out.aux_losses.values())).backward()
+    assert {a.weight for a in out.aux_losses.values()} == {0.3}  # each loss carries its weight
+    (out.logits.sum() + sum(a.weight * a.value for a in out.aux_losses.values())).backward()
 
 
 @pytest.mark.parametrize("dcfg, error", [
-    (DecouplingConfig(decouple_item_atom_fids="999"), KeyError),
-    (DecouplingConfig(decouple_item_side_fids="9"), ValueError),  # vocab 0: no table
+    (DecouplingConfig(use_endogenous_decoupling=True, decouple_item_atom_fids="999"), KeyError),
+    (DecouplingConfig(use_endogenous_decoupling=True, decouple_item_side_fids="9"),
+     ValueError),  # vocab 0: no table
 ])
 def test_decoupling_fid_errors(dcfg, error):
     with pytest.raises(error, match="decoupling"):
-        make_model(make_cfg(use_endogenous_decoupling=True), dcfg=dcfg)
+        make_model(make_cfg(), dcfg=dcfg)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -597,16 +608,16 @@ def test_activity_fids_are_all_or_none_in_pair_mode():
     # A schema's own fid 900 is a plain dense feature, never a partial activity set.
     layout = make_layout(raw, activity=False)
     assert not layout.activity and [s.kind for s in layout.user_dense if s.fid == 900] == ["plain"]
-    heads = make_model(make_cfg(use_pair_62_66=True), layout=layout).user_dense_token.heads
+    heads = make_model(make_cfg(use_pair_62_66=True), layout=layout).ns.user_dense_token.heads
     assert len(heads) == 5  # 61, 87, 89-91, no activity head
-    heads = make_model(make_cfg(use_pair_62_66=True)).user_dense_token.heads
+    heads = make_model(make_cfg(use_pair_62_66=True)).ns.user_dense_token.heads
     assert len(heads) == 6 and heads[-1].cols.numel() == 16  # 61, 87, 89-91 + activity
 
 
 def test_ns_group_errors():
     good = {"user_ns_groups": {"a": [s.fid for s in LAYOUT.user_int]}}
     assert make_model(make_cfg(ns_tokenizer_type="group", rank_mixer_mode="none"),
-                      ns_groups=good).user_tokenizer.num_tokens == 1
+                      ns_groups=good).ns.user_tokenizer.num_tokens == 1
     with pytest.raises(KeyError, match="fid 777"):
         make_model(ns_groups={"user_ns_groups": {"a": [777]}})
     with pytest.raises(ValueError, match="in no group"):
@@ -620,8 +631,7 @@ def test_repo_ns_groups_cover_the_online_schema():
         pytest.skip("reference online schema not available")
     path = os.path.join(ROOT, "ns_groups.json")
     layout, _ = load_schema(ONLINE_SCHEMA, {}, True)
-    groups, resolved = load_ns_groups(path)
-    assert resolved == os.path.abspath(path)
+    groups = load_ns_groups(path)
     users = [k for k in groups["user_ns_groups"] if not k.startswith("_")]
     items = [k for k in groups["item_ns_groups"] if not k.startswith("_")]
     assert len(users) == 7 and len(items) == 4
@@ -629,23 +639,24 @@ def test_repo_ns_groups_cover_the_online_schema():
         s.fid for s in layout.user_int)
     assert sorted(f for g in groups["item_ns_groups"].values() for f in g) == sorted(
         s.fid for s in layout.item_int)
-    assert load_ns_groups("") == (None, None)
-    assert load_ns_groups(os.path.join(ROOT, "no_such_file.json")) == (None, None)
+    assert load_ns_groups("") == {}
+    assert load_ns_groups(os.path.join(ROOT, "no_such_file.json")) == {}
 
 
 def test_build_model_resolves_a_groups_path(tmp_path):
     path = tmp_path / "groups.json"
     path.write_text(json.dumps({"item_ns_groups": {"i1": [16, 11, 5], "i2": [6, 7, 9]}}))
     cfg = make_cfg(ns_tokenizer_type="group", rank_mixer_mode="none")
-    model = build_model(LAYOUT, cfg, DecouplingConfig(), str(path))
-    assert model.item_tokenizer.num_tokens == 2 and model.user_tokenizer.num_tokens == 15
-    assert build_model(LAYOUT, dataclasses.replace(cfg), DecouplingConfig(), "").num_ns_tokens \
-        == 15 + 1 + 6 + 1
+    model = build_model(Config(model=dataclasses.replace(cfg, ns_groups_json=str(path))), LAYOUT)
+    assert model.ns.item_tokenizer.num_tokens == 2 and model.ns.user_tokenizer.num_tokens == 15
+    assert build_model(Config(model=cfg), LAYOUT).ns.num_tokens == 15 + 1 + 6 + 1
+    assert build_model(Config(model=cfg), LAYOUT, {"item_ns_groups": {"i": [16, 11, 5, 6, 7, 9]}}
+                       ).ns.item_tokenizer.num_tokens == 1
 
 
 def test_time_bucket_table_has_a_row_per_bucket_id():
     import pcvr.schema as schema
-    assert make_model().time_bucket_emb.num_embeddings == schema.NUM_TIME_BUCKETS == 64
+    assert make_model().seq.time_bucket_emb.num_embeddings == schema.NUM_TIME_BUCKETS == 64
 
 
 def test_feature_kinds_are_set_once_by_the_schema():

@@ -1,13 +1,15 @@
-"""trainer.py: the learning-rate schedule of both optimisers."""
+"""The trainer: the learning-rate schedule of both optimisers, and the step."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from pcvr.config import TrainConfig, parse_config
-from pcvr.model.hyformer import ModelOutput
-from pcvr.training.trainer import Trainer, lr_factor
+from pcvr.model.outputs import ModelOutput, RankingModel
+from pcvr.training.optim import lr_factor
+from pcvr.training.trainer import Trainer
 
 
 def test_constant_schedule_with_warmup():
@@ -42,13 +44,19 @@ class _Tiny(nn.Module):
         self.head = nn.Linear(4, 1)
 
     def sparse_parameters(self):
-        return iter([self.table.weight])
+        return [self.table.weight]
 
     def dense_parameters(self):
-        return self.head.parameters()
+        return list(self.head.parameters())
 
     def forward(self, batch):
-        return ModelOutput(self.head(self.table(batch["ids"])), {}, None)
+        return ModelOutput(self.head(self.table(batch.ids)), {}, None)
+
+    def predict(self, batch):
+        return self.forward(batch).logits
+
+    def reinit_high_cardinality_params(self, threshold):
+        return []
 
 
 class _Loader(list):
@@ -59,8 +67,10 @@ def test_trainer_steps_both_optimisers_along_the_schedule():
     cfg = parse_config(["--lr", "0.01", "--sparse_lr", "0.1", "--batch_size", "4",
                         "--num_epochs", "2", "--lr_schedule", "cosine", "--lr_warmup_steps",
                         "2"], environ={})
-    trainer = Trainer(_Tiny(), cfg, _Loader(), None, torch.device("cpu"), {}, None, {})
-    batch = {"ids": torch.tensor([1, 2, 3, 4]), "label": torch.tensor([0.0, 1.0, 0.0, 1.0])}
+    model = _Tiny()
+    assert isinstance(model, RankingModel)  # what the trainer needs, and nothing more
+    trainer = Trainer(model, cfg, _Loader(), None, torch.device("cpu"))
+    batch = SimpleNamespace(ids=torch.tensor([1, 2, 3, 4]), label=torch.tensor([0.0, 1.0, 0.0, 1.0]))
     factor = lr_factor(cfg.train, 10)
     for step in range(12):
         assert trainer.dense_opt.param_groups[0]["lr"] == pytest.approx(0.01 * factor(step))

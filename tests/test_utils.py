@@ -7,9 +7,10 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
+from pcvr.atomic import atomic_dir, atomic_write_json
 from pcvr.metrics import binary_logloss, roc_auc
-from pcvr.runtime import (AtomicDir, ModelEMA, atomic_write_json,
-                   sigmoid_focal_loss)
+from pcvr.training.ema import ModelEMA
+from pcvr.training.losses import sigmoid_focal_loss
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -63,10 +64,10 @@ def test_atomic_writes(tmp_path):
     assert json.loads(path.read_text()) == {"k": 1}
     target = tmp_path / "ckpt"
     with pytest.raises(RuntimeError):
-        with AtomicDir(str(target)) as tmp:
+        with atomic_dir(str(target)) as tmp:
             open(os.path.join(tmp, "f"), "w").close()
             raise RuntimeError("boom")
     assert not target.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
-    with AtomicDir(str(target)) as tmp:
+    with atomic_dir(str(target)) as tmp:
         open(os.path.join(tmp, "f"), "w").close()
     assert (target / "f").exists()

@@ -1,13 +1,13 @@
-"""PCVR HyFormer: the model of model_spec.md, built from ``FeatureLayout`` + ``ModelConfig``.
+"""PCVR HyFormer: the model of model_spec.md, built from a ``FeatureLayout`` and the config.
 
 Data flow of one forward pass (model_spec §8)::
 
-    ns    = NS tokens: user ints, user dense, item ints, item dense, dense cross  [B, N_ns, D]
-    seqs  = per-domain sequence tokens (+ time-bucket and hour/day embeddings)   S x [B, L, D]
-    q     = MultiSeqQueryGenerator(ns, pooled seqs)                              [B, S, Nq, D]
+    ns    = NSTokens(batch): user ints, user dense, item ints, item dense, dense cross  [B, N_ns, D]
+    seqs  = SequenceTokens(batch): per-domain tokens (+ time embeddings)   S x [B, L, D]
+    q     = MultiSeqQueryGenerator(ns, pooled seqs)                       [B, S, Nq, D]
     q, ns, seqs = HyFormerBlock x num_hyformer_blocks
-    h     = LN(Lin(flatten(q)))  (+ HeadCrossNet, + target attention)            [B, D]
-    logits = classifier(h)                                                       [B, action_num]
+    logits = Head(q, ns, seqs): LN(Lin(flatten(q))) (+ HeadCrossNet, + target attention)
+             -> classifier                                                [B, action_num]
 
 Differences from the reference, all deliberate (details in the docstrings of the parts):
 
@@ -20,104 +20,70 @@ Differences from the reference, all deliberate (details in the docstrings of the
   all-zero columns of table-less features, and ``forward`` does no host-device sync (input
   ranges are the data pipeline's job);
 * tables of at most ``DENSE_GRAD_MAX_ROWS`` rows have dense gradients, larger ones sparse
-  (the same Adagrad update, much cheaper; ``feature_tokens``);
+  (the same Adagrad update, much cheaper; ``tokens``);
 * the reinit threshold is explicit: ``vocab_size > threshold``, so 0 re-initialises every
   feature table (model_spec §11.1.2).
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from pcvr.config import DecouplingConfig, ModelConfig, parse_int_list
-from pcvr.model.decoupling import DecoupledOutput, EntityDecoupler
-from pcvr.model.tokens import (DenseCrossToken, DenseToken, GroupNSTokenizer,
-                            NSFeatureEmbedding, PairModeUserDenseToken, RankMixerNSTokenizer,
-                            SequenceTokenizer, has_table, init_table_)
-from pcvr.model.modules import (BucketedSeq, CrossAttention, Dropout, GatedTokenAutoInt, HeadCrossNet,
-                     LongerEncoder, MultiSeqQueryGenerator, NSAutoIntLayer, NSSelfAttention,
-                     NSTokenSEGate, RankMixerBlock, RotaryEmbedding, RowBuckets, SwiGLUEncoder,
-                     TargetAwareAttentionHead, TransformerEncoder, masked_mean, valid_mask)
-from pcvr.schema import NUM_TIME_BUCKETS, PAIR_FIDS, FeatureLayout, FeatureSpec
-
-log = logging.getLogger(__name__)
+from pcvr.batch import Batch
+from pcvr.config import DecouplingConfig, ModelConfig
+from pcvr.model.inputs import DENSE_CROSS_SOURCES, NSGroups, NSTokens, SequenceTokens
+from pcvr.model.modules import (BucketedSeq, CrossAttention, Dropout, GatedTokenAutoInt,
+                                HeadCrossNet, LongerEncoder, MultiSeqQueryGenerator,
+                                NSAutoIntLayer, NSSelfAttention, RankMixerBlock,
+                                RotaryEmbedding, SwiGLUEncoder, TargetAwareAttentionHead,
+                                TransformerEncoder, masked_mean, valid_mask)
+from pcvr.model.outputs import ModelOutput
+from pcvr.model.tokens import init_table_
+from pcvr.schema import FeatureLayout
 
 ROPE_MAX_LEN = 2048
-# Most length buckets per domain and batch (the cost model of RowBuckets picks how many).
-MAX_SEQ_BUCKETS = 8
-DENSE_CROSS_SOURCES = ("user_dense", "item_dense", "item_ns")
 AUTOINT_POSITIONS = ("pre_mixer", "post_mixer")
-NSGroups = Mapping[str, Any]
 
 
-class ModelOutput(NamedTuple):
-    """What ``PCVRHyFormer.forward`` returns.
-
-    logits: ``[B, action_num]``.
-    aux_losses: decoupling losses (``'item/side_ssl'``, ``'user/stage1'``, ...), already
-        weighted within the decoupler; empty unless ``use_endogenous_decoupling``.
-    sample_weight: ``[B]`` detached IPW weights of the item decoupler (mean 1), or None.
-    """
-    logits: torch.Tensor
-    aux_losses: Dict[str, torch.Tensor]
-    sample_weight: Optional[torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- NS groups
-
-def load_ns_groups(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """Reads an ns_groups.json; ``''`` or a missing file -> ``(None, None)`` (singleton groups).
-
-    Returns:
-        (parsed dict or None, the absolute path read or None).
-    """
-    if not path:
-        return None, None
-    if not os.path.isfile(path):
-        log.warning("ns_groups_json %s not found: one NS group per feature", path)
-        return None, None
-    with open(path, "r", encoding="utf-8") as fh:
-        return json.load(fh), os.path.abspath(path)
-
-
-def resolve_groups(groups: Optional[Mapping[str, Sequence[int]]], specs: Sequence[FeatureSpec],
-                   side: str) -> List[List[int]]:
-    """Group name -> fids (dict order = token order) into lists of positions in ``specs``.
-
-    Keys beginning with ``_`` are comments. None or empty -> one singleton group per feature.
-
-    Raises:
-        KeyError: a grouped fid is not in the schema's ``side`` features.
-        ValueError: a fid is grouped twice, or schema fids are left out of every group.
-    """
-    named = {k: v for k, v in (groups or {}).items() if not str(k).startswith("_")}
-    if not named:
-        return [[i] for i in range(len(specs))]
-    index = {s.fid: i for i, s in enumerate(specs)}
-    out, seen = [], set()
-    for name, fids in named.items():
-        group = []
-        for fid in fids:
-            if fid not in index:
-                raise KeyError(f"ns_groups: {side} group {name!r} lists fid {fid}, which is not "
-                               f"a {side} int feature of the schema {sorted(index)}")
-            if fid in seen:
-                raise ValueError(f"ns_groups: {side} fid {fid} appears in more than one group")
-            seen.add(fid)
-            group.append(index[fid])
-        if not group:
-            raise ValueError(f"ns_groups: {side} group {name!r} is empty")
-        out.append(group)
-    missing = [s.fid for s in specs if s.fid not in seen]
-    if missing:
-        raise ValueError(f"ns_groups: {side} fids {missing} of the schema are in no group; "
-                         f"every {side} int fid must be grouped")
-    return out
+def check_config(cfg: ModelConfig) -> None:
+    """Validations of model_spec §9.7-§9.10 that do not depend on the schema."""
+    if min(cfg.d_model, cfg.emb_dim, cfg.num_heads, cfg.num_queries, cfg.num_hyformer_blocks,
+           cfg.hidden_mult, cfg.action_num) < 1:
+        raise ValueError("d_model, emb_dim, num_heads, num_queries, num_hyformer_blocks, "
+                         "hidden_mult and action_num must all be >= 1")
+    if cfg.d_model % cfg.num_heads:
+        raise ValueError(f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.ns_self_attn_impl not in ("mha", "autoint"):
+        raise ValueError(f"ns_self_attn_impl must be 'mha' or 'autoint', got "
+                         f"{cfg.ns_self_attn_impl!r}")
+    if cfg.ns_self_attn_impl == "autoint":
+        heads = cfg.ns_autoint_heads or cfg.num_heads
+        if cfg.ns_autoint_layers < 1 or heads < 1 or cfg.d_model % heads:
+            raise ValueError(f"ns AutoInt needs ns_autoint_layers >= 1 and heads >= 1 "
+                             f"dividing d_model {cfg.d_model}; got layers "
+                             f"{cfg.ns_autoint_layers}, heads {heads}")
+        if cfg.ns_autoint_activation not in NSAutoIntLayer.ACTIVATIONS:
+            raise ValueError(f"ns_autoint_activation must be one of "
+                             f"{sorted(NSAutoIntLayer.ACTIVATIONS)}, got "
+                             f"{cfg.ns_autoint_activation!r}")
+    if cfg.combined_autoint_position not in AUTOINT_POSITIONS:
+        raise ValueError(f"combined_autoint_position must be one of {AUTOINT_POSITIONS}, "
+                         f"got {cfg.combined_autoint_position!r}")
+    if cfg.use_combined_autoint:
+        heads = cfg.combined_autoint_heads or cfg.num_heads
+        if cfg.combined_autoint_layers < 1 or heads < 1 or cfg.d_model % heads:
+            raise ValueError(f"combined AutoInt needs combined_autoint_layers >= 1 and "
+                             f"heads >= 1 dividing d_model {cfg.d_model}; got layers "
+                             f"{cfg.combined_autoint_layers}, heads {heads}")
+    if cfg.head_cross_layers < 0:
+        raise ValueError(f"head_cross_layers must be >= 0, got {cfg.head_cross_layers}")
+    if cfg.dense_cross_item_source not in DENSE_CROSS_SOURCES:
+        raise ValueError(f"dense_cross_item_source must be one of {DENSE_CROSS_SOURCES}, "
+                         f"got {cfg.dense_cross_item_source!r}")
+    if cfg.dense_cross_dim < 0:
+        raise ValueError(f"dense_cross_dim must be >= 0, got {cfg.dense_cross_dim}")
 
 
 def _token_count_hint(d_model: int, n_seq_tokens: int, num_domains: int, num_ns: int,
@@ -143,50 +109,6 @@ def _pair_dense(layout: FeatureLayout) -> Dict[int, FeatureSpec]:
         raise KeyError(f"use_pair_62_66: fid(s) {missing} are not declared in both user_int "
                        f"and user_dense of the schema (with the same dim)")
     return pairs
-
-
-# ----------------------------------------------------------------------------- decoupling
-
-class DecouplingBranch(nn.Module):
-    """Endogenous decoupling of one entity (item or user), added to its NS tokens.
-
-    Atom input = concat of the entity tokenizer's ``E``-vectors of the atom fids, side input =
-    the same for the side fids; ``EntityDecoupler`` gives ``atom``, ``side`` ``[B, Dd]`` and
-    its losses; ``Lin([atom, side]) -> D`` is added to every NS token of the entity, so the
-    token count is unchanged.
-
-    Shape: ``[B, n_fids, E]`` -> (``[B, 1, D]`` addend, ``DecoupledOutput``).
-    """
-
-    def __init__(self, embedding: NSFeatureEmbedding, atom_fids: Sequence[int],
-                 side_fids: Sequence[int], skip_threshold: int, d_model: int,
-                 dcfg: DecouplingConfig, side: str):
-        super().__init__()
-        specs = {s.fid: s for s in embedding.specs}
-        for kind, fids in (("atom", atom_fids), ("side", side_fids)):
-            if not fids:
-                raise ValueError(f"decoupling: no {side} {kind} fids configured")
-            for fid in fids:
-                if fid not in specs:
-                    raise KeyError(f"decoupling: {side} {kind} fid {fid} is not a {side} int "
-                                   f"feature of the schema {sorted(specs)}")
-                if not has_table(specs[fid].vocab_size, skip_threshold):
-                    raise ValueError(f"decoupling: {side} {kind} fid {fid} has no embedding "
-                                     f"table (vocab {specs[fid].vocab_size}, emb_skip_threshold "
-                                     f"{skip_threshold})")
-        e = embedding.emb_dim
-        self.register_buffer("atom_index", torch.tensor([embedding.index_of(f) for f in atom_fids]),
-                             persistent=False)
-        self.register_buffer("side_index", torch.tensor([embedding.index_of(f) for f in side_fids]),
-                             persistent=False)
-        self.decoupler = EntityDecoupler(len(atom_fids) * e, len(side_fids) * e,
-                                         dcfg.decouple_dim, dcfg)
-        self.proj = nn.Linear(2 * dcfg.decouple_dim, d_model)
-
-    def forward(self, emb: torch.Tensor) -> Tuple[torch.Tensor, DecoupledOutput]:
-        out = self.decoupler(emb.index_select(1, self.atom_index).flatten(1),
-                             emb.index_select(1, self.side_index).flatten(1))
-        return self.proj(torch.cat([out.atom, out.side], dim=-1)).unsqueeze(1), out
 
 
 # ----------------------------------------------------------------------------- backbone block
@@ -274,132 +196,98 @@ class HyFormerBlock(nn.Module):
         q, ns = x.split([self.num_seq_tokens, x.shape[1] - self.num_seq_tokens], dim=1)
         return q.unflatten(1, (len(seqs), -1)), ns, encoded_seqs
 
+# ----------------------------------------------------------------------------- head
+
+class Head(nn.Module):
+    """Queries -> logits (model_spec §7, §9.9, §9.10).
+
+    ``h = LN(Lin(flatten(q)))``, then optionally ``HeadCrossNet`` and the target-aware
+    attention over the sequences (target = the mean item NS token), then the classifier
+    ``Lin -> LN -> SiLU -> Dropout -> Lin``.
+
+    Args:
+        cfg: architecture flags.
+        num_domains: ``S``.
+        item_span: ``(start, end)`` of the item NS tokens.
+
+    Shape: q ``[B, S, Nq, D]``, ns ``[B, N_ns, D]``, seqs ``S x BucketedSeq`` ->
+        ``[B, action_num]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_domains: int, item_span: Tuple[int, int]):
+        super().__init__()
+        d = cfg.d_model
+        self.output_proj = nn.Sequential(nn.Linear(cfg.num_queries * num_domains * d, d),
+                                         nn.LayerNorm(d))
+        self.head_cross = (HeadCrossNet(d, cfg.head_cross_layers, cfg.head_cross_init_scale)
+                           if cfg.head_cross_layers > 0 else None)
+        self.item_span = item_span
+        self.target_attention = None
+        if cfg.use_target_attention:
+            if item_span[0] == item_span[1]:
+                raise ValueError("use_target_attention needs at least one item NS token")
+            self.target_attention = TargetAwareAttentionHead(d, num_domains, cfg.hidden_mult)
+        self.classifier = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.SiLU(),
+                                        Dropout(cfg.dropout_rate),
+                                        nn.Linear(d, cfg.action_num))
+
+    def forward(self, q: torch.Tensor, ns: torch.Tensor, seqs: List[BucketedSeq]
+                ) -> torch.Tensor:
+        h = self.output_proj(q.flatten(1))
+        if self.head_cross is not None:
+            h = self.head_cross(h)
+        if self.target_attention is not None:
+            target = ns[:, self.item_span[0]:self.item_span[1]].mean(dim=1)
+            h = self.target_attention(h, target, seqs)
+        return self.classifier(h)
+
 
 # ----------------------------------------------------------------------------- the model
 
 class PCVRHyFormer(nn.Module):
-    """The PCVR HyFormer ranking model (model_spec.md).
+    """The PCVR HyFormer ranking model (model_spec.md): ``NSTokens`` and ``SequenceTokens``,
+    the query generator, ``num_hyformer_blocks`` blocks and the ``Head``.
 
     Args:
         layout: the flattened feature layout of the batches (``schema.FeatureLayout``).
         cfg: architecture flags.
-        dcfg: endogenous-decoupling settings (read when ``cfg.use_endogenous_decoupling``).
+        dcfg: endogenous-decoupling settings (read when ``dcfg.use_endogenous_decoupling``).
         ns_groups: parsed ns_groups.json (``user_ns_groups`` / ``item_ns_groups``: name ->
             fids), or None / empty for one group per feature.
         user_time_missing_as_padding: the data's request hour/day ids are shifted by one
-            with 0 = missing (``DataConfig.user_abs_time_missing_as_padding``): the user
-            hour/day tables get 25/8 rows with padding row 0 instead of 24/7.
+            with 0 = missing (``DataConfig.user_abs_time_missing_as_padding``).
 
     Attributes:
-        num_ns_tokens: ``N_ns``.
-        num_tokens: ``T = num_queries * S + N_ns``.
-        max_seq_buckets: the most length buckets per domain (``modules.RowBuckets``; 1 =
-            only trim every domain to its longest row). Outputs do not depend on it.
+        num_tokens: ``T = num_queries * S + N_ns`` (``N_ns = ns.num_tokens``).
 
-    Inputs (``forward``/``predict``): the batch dict of the data pipeline (pipeline_spec
-    §1.8): ``user_int_feats [B, *]``, ``item_int_feats [B, *]``, ``user_dense_feats``,
-    ``item_dense_feats``, ``hour``/``dayofweek [B]`` and per domain ``d [B, F_d, L_d]``,
-    ``d_len [B]``, ``d_time_bucket``/``d_hour``/``d_dayofweek [B, L_d]``; other keys ignored.
+    Inputs (``forward``/``predict``): a ``pcvr.batch.Batch``.
     """
 
     def __init__(self, layout: FeatureLayout, cfg: ModelConfig, dcfg: DecouplingConfig,
                  ns_groups: Optional[NSGroups] = None, *,
                  user_time_missing_as_padding: bool = False):
         super().__init__()
-        d, e = cfg.d_model, cfg.emb_dim
-        if min(d, e, cfg.num_heads, cfg.num_queries, cfg.num_hyformer_blocks,
-               cfg.hidden_mult, cfg.action_num) < 1:
-            raise ValueError("d_model, emb_dim, num_heads, num_queries, num_hyformer_blocks, "
-                             "hidden_mult and action_num must all be >= 1")
-        if d % cfg.num_heads:
-            raise ValueError(f"d_model {d} is not divisible by num_heads {cfg.num_heads}")
+        check_config(cfg)
         if not layout.seq:
             raise ValueError("the schema has no sequence domain; HyFormer needs at least one")
-        self._check_crosses(cfg)
-        self.cfg = cfg
-        num_domains = len(layout.seq)
-        skip = cfg.emb_skip_threshold
-
-        # NS tokenizers (user / item), §3, §9.3, §9.4.
-        groups = ns_groups or {}
-        user_groups = resolve_groups(groups.get("user_ns_groups"), layout.user_int, "user")
-        item_groups = resolve_groups(groups.get("item_ns_groups"), layout.item_int, "item")
-        pair_dense = _pair_dense(layout) if cfg.use_pair_62_66 else None
-        self.user_tokenizer = self._ns_tokenizer(
-            cfg, NSFeatureEmbedding(layout.user_int, e, skip, pair_dense, cfg.pair_pooling),
-            user_groups, cfg.user_ns_tokens, 0)
-        self.item_tokenizer = self._ns_tokenizer(
-            cfg, NSFeatureEmbedding(layout.item_int, e, skip), item_groups, cfg.item_ns_tokens,
-            100003)
-        n_user, n_item = self.user_tokenizer.num_tokens, self.item_tokenizer.num_tokens
-
-        # Dense tokens, §3.4, §9.2, §9.11.
-        self.user_dense_token: Optional[nn.Module] = None
-        if cfg.use_pair_62_66:
-            self.user_dense_token = PairModeUserDenseToken(layout.user_dense, d)
-        elif layout.user_dense:
-            self.user_dense_token = DenseToken(layout.user_dense, d)
-        self.item_dense_token = DenseToken(layout.item_dense, d) if layout.item_dense else None
-
-        # Request hour / day of week, §9.1 (the sequence tables are below).
-        self.use_abs_time = cfg.use_abs_time_emb
-        self.add_user_time_to_dense = cfg.use_abs_time_emb and cfg.add_user_time_to_dense_tok
-        if self.use_abs_time:
-            pad = 0 if user_time_missing_as_padding else None
-            shift = 1 if user_time_missing_as_padding else 0
-            self.user_hour_emb = nn.Embedding(24 + shift, d, padding_idx=pad)
-            self.user_dow_emb = nn.Embedding(7 + shift, d, padding_idx=pad)
-
-        # Endogenous decoupling: added to the NS tokens of the item (and user).
-        self.item_decoupling: Optional[DecouplingBranch] = None
-        self.user_decoupling: Optional[DecouplingBranch] = None
-        if cfg.use_endogenous_decoupling:
-            self.item_decoupling = DecouplingBranch(
-                self.item_tokenizer.embedding, parse_int_list(dcfg.decouple_item_atom_fids),
-                parse_int_list(dcfg.decouple_item_side_fids), skip, d, dcfg, "item")
-            if dcfg.decouple_user:
-                self.user_decoupling = DecouplingBranch(
-                    self.user_tokenizer.embedding, parse_int_list(dcfg.decouple_user_atom_fids),
-                    parse_int_list(dcfg.decouple_user_side_fids), skip, d, dcfg, "user")
-
-        # Dense cross token, §9.5.
-        self.dense_cross_token = (self._dense_cross(cfg, layout, n_item)
-                                  if cfg.use_dense_cross_token else None)
-
-        # Token accounting: [user NS][user dense][item NS][item dense][dense cross].
-        self.item_ns_start = n_user + int(self.user_dense_token is not None)
-        self.item_ns_end = self.item_ns_start + n_item
-        self.num_ns_tokens = (self.item_ns_end + int(self.item_dense_token is not None)
-                              + int(self.dense_cross_token is not None))
-        self.num_tokens = cfg.num_queries * num_domains + self.num_ns_tokens
+        d, num_domains = cfg.d_model, len(layout.seq)
+        self.ns = NSTokens(layout, cfg, dcfg, ns_groups, user_time_missing_as_padding)
+        num_ns = self.ns.num_tokens
+        self.num_tokens = cfg.num_queries * num_domains + num_ns
         if cfg.rank_mixer_mode == "full" and d % self.num_tokens:
-            user_k = n_user if cfg.ns_tokenizer_type == "rankmixer" else None
+            user_k = self.ns.user_tokenizer.num_tokens \
+                if cfg.ns_tokenizer_type == "rankmixer" else None
             raise ValueError(
                 f"rank_mixer_mode 'full' needs d_model % T == 0, but d_model = {d} and "
                 f"T = num_queries * S + N_ns = {cfg.num_queries} * {num_domains} + "
-                f"{self.num_ns_tokens} = {self.num_tokens}; "
-                + _token_count_hint(d, cfg.num_queries * num_domains, num_domains,
-                                    self.num_ns_tokens, user_k))
-        self.se_gate = NSTokenSEGate(self.num_ns_tokens, d) if cfg.use_ns_se_gate else None
+                f"{num_ns} = {self.num_tokens}; "
+                + _token_count_hint(d, cfg.num_queries * num_domains, num_domains, num_ns,
+                                    user_k))
+        self.seq = SequenceTokens(layout, cfg)
+        self._init_time_tables()
 
-        # Sequence tokens, §4: per-domain tokenizers + shared time tables.
-        self.seq_tokenizers = nn.ModuleDict({
-            dom.name: SequenceTokenizer(dom, e, d, skip, cfg.seq_id_threshold,
-                                        2 * cfg.dropout_rate) for dom in layout.seq})
-        self.time_bucket_emb = (nn.Embedding(NUM_TIME_BUCKETS, d, padding_idx=0)
-                                if cfg.use_time_buckets else None)
-        if self.use_abs_time:
-            self.seq_hour_emb = nn.Embedding(25, d, padding_idx=0)
-            self.seq_dow_emb = nn.Embedding(8, d, padding_idx=0)
-        for table in self._time_tables():  # xavier like the feature tables, padding row 0
-            nn.init.xavier_normal_(table.weight)
-            if table.padding_idx is not None:
-                with torch.no_grad():
-                    table.weight[table.padding_idx].zero_()
-
-        # Backbone, §5-§6.
-        self.query_generator = MultiSeqQueryGenerator(num_domains, cfg.num_queries,
-                                                      self.num_ns_tokens, d, cfg.hidden_mult)
+        self.query_generator = MultiSeqQueryGenerator(num_domains, cfg.num_queries, num_ns, d,
+                                                      cfg.hidden_mult)
         self.input_dropout = Dropout(cfg.dropout_rate)
         rope = None
         if cfg.use_rope:
@@ -409,171 +297,28 @@ class PCVRHyFormer(nn.Module):
                                  f"{longest}")
             rope = RotaryEmbedding(d // cfg.num_heads, cfg.rope_base, ROPE_MAX_LEN)
         seq_max_lens = [dom.max_len for dom in layout.seq]
-        self.blocks = nn.ModuleList(HyFormerBlock(cfg, seq_max_lens, self.num_ns_tokens, rope,
-                                                  first=i == 0)
+        self.blocks = nn.ModuleList(HyFormerBlock(cfg, seq_max_lens, num_ns, rope, first=i == 0)
                                     for i in range(cfg.num_hyformer_blocks))
-        self.max_seq_buckets = MAX_SEQ_BUCKETS  # length buckets per domain (modules.RowBuckets)
+        self.head = Head(cfg, num_domains, self.ns.item_span)
 
-        # Head, §7, §9.9, §9.10.
-        self.output_proj = nn.Sequential(nn.Linear(cfg.num_queries * num_domains * d, d),
-                                         nn.LayerNorm(d))
-        self.head_cross = (HeadCrossNet(d, cfg.head_cross_layers, cfg.head_cross_init_scale)
-                           if cfg.head_cross_layers > 0 else None)
-        self.target_attention = None
-        if cfg.use_target_attention:
-            if n_item == 0:
-                raise ValueError("use_target_attention needs at least one item NS token")
-            self.target_attention = TargetAwareAttentionHead(d, num_domains, cfg.hidden_mult)
-        self.classifier = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.SiLU(),
-                                        Dropout(cfg.dropout_rate),
-                                        nn.Linear(d, cfg.action_num))
+    def time_tables(self) -> List[nn.Embedding]:
+        """The time-bucket, request hour/day and event hour/day tables, in that order."""
+        bucket = [self.seq.time_bucket_emb] if self.seq.time_bucket_emb is not None else []
+        seq_times = [self.seq.hour_emb, self.seq.dow_emb] if self.seq.use_abs_time else []
+        return bucket + self.ns.time_tables() + seq_times
 
-    # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _check_crosses(cfg: ModelConfig) -> None:
-        """Validations of §9.7-§9.10 that do not depend on the schema."""
-        if cfg.ns_self_attn_impl not in ("mha", "autoint"):
-            raise ValueError(f"ns_self_attn_impl must be 'mha' or 'autoint', got "
-                             f"{cfg.ns_self_attn_impl!r}")
-        if cfg.ns_self_attn_impl == "autoint":
-            heads = cfg.ns_autoint_heads or cfg.num_heads
-            if cfg.ns_autoint_layers < 1 or heads < 1 or cfg.d_model % heads:
-                raise ValueError(f"ns AutoInt needs ns_autoint_layers >= 1 and heads >= 1 "
-                                 f"dividing d_model {cfg.d_model}; got layers "
-                                 f"{cfg.ns_autoint_layers}, heads {heads}")
-            if cfg.ns_autoint_activation not in NSAutoIntLayer.ACTIVATIONS:
-                raise ValueError(f"ns_autoint_activation must be one of "
-                                 f"{sorted(NSAutoIntLayer.ACTIVATIONS)}, got "
-                                 f"{cfg.ns_autoint_activation!r}")
-        if cfg.combined_autoint_position not in AUTOINT_POSITIONS:
-            raise ValueError(f"combined_autoint_position must be one of {AUTOINT_POSITIONS}, "
-                             f"got {cfg.combined_autoint_position!r}")
-        if cfg.use_combined_autoint:
-            heads = cfg.combined_autoint_heads or cfg.num_heads
-            if cfg.combined_autoint_layers < 1 or heads < 1 or cfg.d_model % heads:
-                raise ValueError(f"combined AutoInt needs combined_autoint_layers >= 1 and "
-                                 f"heads >= 1 dividing d_model {cfg.d_model}; got layers "
-                                 f"{cfg.combined_autoint_layers}, heads {heads}")
-        if cfg.head_cross_layers < 0:
-            raise ValueError(f"head_cross_layers must be >= 0, got {cfg.head_cross_layers}")
-        if cfg.dense_cross_item_source not in DENSE_CROSS_SOURCES:
-            raise ValueError(f"dense_cross_item_source must be one of {DENSE_CROSS_SOURCES}, "
-                             f"got {cfg.dense_cross_item_source!r}")
-        if cfg.dense_cross_dim < 0:
-            raise ValueError(f"dense_cross_dim must be >= 0, got {cfg.dense_cross_dim}")
+    @torch.no_grad()
+    def _init_time_tables(self) -> None:
+        """Xavier-normal time tables with a zero padding row, like the feature tables (the
+        order of ``time_tables``, and so a seed's weights, is that of checkpoint format 1)."""
+        for table in self.time_tables():
+            nn.init.xavier_normal_(table.weight)
+            if table.padding_idx is not None:
+                table.weight[table.padding_idx].zero_()
 
-    @staticmethod
-    def _ns_tokenizer(cfg: ModelConfig, embedding: NSFeatureEmbedding,
-                      groups: List[List[int]], num_tokens: int, seed_offset: int) -> nn.Module:
-        if cfg.ns_tokenizer_type == "group":
-            if cfg.randomized_split:
-                raise ValueError("randomized_split needs ns_tokenizer_type 'rankmixer'")
-            return GroupNSTokenizer(embedding, groups, cfg.d_model)
-        if cfg.ns_tokenizer_type != "rankmixer":
-            raise ValueError(f"ns_tokenizer_type must be 'group' or 'rankmixer', got "
-                             f"{cfg.ns_tokenizer_type!r}")
-        if num_tokens < 0:
-            raise ValueError(f"NS token counts must be >= 0 (0 = number of groups), got "
-                             f"{num_tokens}")
-        seed = cfg.randomized_split_seed + seed_offset if cfg.randomized_split else None
-        return RankMixerNSTokenizer(embedding, groups, num_tokens, cfg.d_model, seed)
-
-    @staticmethod
-    def _dense_cross(cfg: ModelConfig, layout: FeatureLayout, n_item: int) -> DenseCrossToken:
-        def specs(fids_text: str, group: Sequence[FeatureSpec], name: str) -> List[FeatureSpec]:
-            fids = parse_int_list(fids_text)
-            if not fids:
-                raise ValueError(f"use_dense_cross_token: {name} is empty")
-            if len(set(fids)) != len(fids):
-                raise ValueError(f"use_dense_cross_token: {name} has duplicates: {fids}")
-            return [FeatureLayout.find(group, f, name) for f in fids]
-
-        user = specs(cfg.dense_cross_user_fids, layout.user_dense, "dense_cross_user_fids")
-        source = cfg.dense_cross_item_source
-        if source == "item_ns":
-            if n_item == 0:
-                raise ValueError("dense_cross_item_source 'item_ns' needs item NS tokens")
-            item = None
-        else:
-            group = layout.user_dense if source == "user_dense" else layout.item_dense
-            item = specs(cfg.dense_cross_item_fids, group, f"dense_cross_item_fids ({source})")
-        return DenseCrossToken(user, item, cfg.d_model, cfg.dense_cross_dim or cfg.d_model)
-
-    def _seq_time_tables(self, domain: str) -> List[Tuple[nn.Embedding, str]]:
-        """(table, batch key) of the per-event time embeddings added to ``domain``'s tokens."""
-        out = []
-        if self.time_bucket_emb is not None:
-            out.append((self.time_bucket_emb, f"{domain}_time_bucket"))
-        if self.use_abs_time:
-            out += [(self.seq_hour_emb, f"{domain}_hour"),
-                    (self.seq_dow_emb, f"{domain}_dayofweek")]
-        return out
-
-    def _time_tables(self) -> List[nn.Embedding]:
-        names = ("time_bucket_emb", "user_hour_emb", "user_dow_emb", "seq_hour_emb",
-                 "seq_dow_emb")
-        return [getattr(self, n) for n in names if getattr(self, n, None) is not None]
-
-    # ------------------------------------------------------------------ forward
-    def _ns_tokens(self, batch: Mapping[str, torch.Tensor]
-                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor]]:
-        """-> NS tokens ``[B, N_ns, D]``, aux losses, sample weight (§3, §9)."""
-        user_dense = batch["user_dense_feats"]
-        user_emb = self.user_tokenizer.embedding(batch["user_int_feats"], user_dense)
-        item_emb = self.item_tokenizer.embedding(batch["item_int_feats"])
-        user, item = self.user_tokenizer(user_emb), self.item_tokenizer(item_emb)
-        aux: Dict[str, torch.Tensor] = {}
-        sample_weight = None
-        if self.item_decoupling is not None:
-            add, out = self.item_decoupling(item_emb)
-            item = item + add
-            aux.update({f"item/{k}": v for k, v in out.losses.items()})
-            sample_weight = out.sample_weight
-        if self.user_decoupling is not None:
-            add, out = self.user_decoupling(user_emb)
-            user = user + add
-            aux.update({f"user/{k}": v for k, v in out.losses.items()})
-
-        user_time = None
-        if self.use_abs_time:  # request hour/day: added to every user NS token
-            user_time = self.user_hour_emb(batch["hour"]) + self.user_dow_emb(batch["dayofweek"])
-            user = user + user_time.unsqueeze(1)
-        tokens = [user]
-        if self.user_dense_token is not None:
-            dense = self.user_dense_token(user_dense)
-            if self.add_user_time_to_dense:
-                dense = dense + user_time
-            tokens.append(dense.unsqueeze(1))
-        tokens.append(item)
-        if self.item_dense_token is not None:
-            tokens.append(self.item_dense_token(batch["item_dense_feats"]).unsqueeze(1))
-        if self.dense_cross_token is not None:
-            source = self.cfg.dense_cross_item_source
-            item_in = (item.mean(dim=1) if source == "item_ns" else
-                       batch["user_dense_feats" if source == "user_dense" else "item_dense_feats"])
-            tokens.append(self.dense_cross_token(user_dense, item_in).unsqueeze(1))
-        ns = torch.cat(tokens, dim=1)
-        if self.se_gate is not None:
-            ns = self.se_gate(ns)
-        return ns, aux, sample_weight
-
-    def _sequence_tokens(self, batch: Mapping[str, torch.Tensor]) -> List[BucketedSeq]:
-        """-> per-domain tokens (§4), built per length bucket: ``S x BucketedSeq``."""
-        seqs = []
-        for name, tokenizer in self.seq_tokenizers.items():
-            lens = batch[f"{name}_len"]
-            buckets = RowBuckets(lens, batch[name].shape[2], self.max_seq_buckets)
-            tokens = [tokenizer(ids) for ids in buckets.split(batch[name], seq_dim=2)]
-            # Per-event time embeddings; padding ids are 0 (zero rows), so padding adds nothing.
-            for table, key in self._seq_time_tables(name):
-                tokens = [x + table(ids) for x, ids
-                          in zip(tokens, buckets.split(batch[key], seq_dim=1))]
-            seqs.append(BucketedSeq(buckets, tokens, buckets.split(lens)))
-        return seqs
-
-    def _forward_impl(self, batch: Mapping[str, torch.Tensor], input_dropout: bool) -> ModelOutput:
-        ns, aux, sample_weight = self._ns_tokens(batch)
-        seqs = self._sequence_tokens(batch)
+    def _forward_impl(self, batch: Batch, input_dropout: bool) -> ModelOutput:
+        ns, aux, sample_weight = self.ns(batch)
+        seqs = self.seq(batch)
         pooled = torch.stack([seq.per_row(lambda s, n: masked_mean(s, valid_mask(n, s.shape[1])))
                               for seq in seqs], dim=1)
         q = self.query_generator(ns, pooled)  # [B, S, Nq, D], from the undropped tokens
@@ -583,20 +328,14 @@ class PCVRHyFormer(nn.Module):
                     for seq in seqs]
         for block in self.blocks:
             q, ns, seqs = block(q, ns, seqs)
-        h = self.output_proj(q.flatten(1))
-        if self.head_cross is not None:
-            h = self.head_cross(h)
-        if self.target_attention is not None:
-            target = ns[:, self.item_ns_start:self.item_ns_end].mean(dim=1)
-            h = self.target_attention(h, target, seqs)
-        return ModelOutput(self.classifier(h), aux, sample_weight)
+        return ModelOutput(self.head(q, ns, seqs), aux, sample_weight)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutput:
+    def forward(self, batch: Batch) -> ModelOutput:
         """Training forward (input emb-dropout on in train mode) -> ``ModelOutput``."""
         return self._forward_impl(batch, input_dropout=True)
 
     @torch.no_grad()
-    def predict(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def predict(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B, action_num]`` without the input emb-dropout (callers use eval mode).
 
         Inference only: runs under ``no_grad`` (recording a graph made float32 inference of a
@@ -607,8 +346,8 @@ class PCVRHyFormer(nn.Module):
     # ------------------------------------------------------------------ parameter groups
     def feature_tables(self) -> List[nn.Embedding]:
         """The NS and sequence feature tables (time tables excluded)."""
-        owners = [self.user_tokenizer.embedding, self.item_tokenizer.embedding,
-                  *self.seq_tokenizers.values()]
+        owners = [self.ns.user_tokenizer.embedding, self.ns.item_tokenizer.embedding,
+                  *self.seq.tokenizers.values()]
         return [t for owner in owners for t in owner.tables.values()]
 
     def sparse_parameters(self) -> List[nn.Parameter]:
@@ -634,16 +373,3 @@ class PCVRHyFormer(nn.Module):
                 init_table_(table)
                 out.append(table.weight)
         return out
-
-
-def build_model(layout: FeatureLayout, cfg: ModelConfig, dcfg: DecouplingConfig,
-                ns_groups: Union[str, NSGroups, None] = None, *,
-                user_time_missing_as_padding: bool = False) -> PCVRHyFormer:
-    """Builds ``PCVRHyFormer``; ``ns_groups`` is an ns_groups.json path, a parsed dict or None.
-
-    A path that is ``''`` or missing gives one NS group per feature (``load_ns_groups``).
-    """
-    if isinstance(ns_groups, str):
-        ns_groups, _ = load_ns_groups(ns_groups)
-    return PCVRHyFormer(layout, cfg, dcfg, ns_groups,
-                        user_time_missing_as_padding=user_time_missing_as_padding)

@@ -1,0 +1,184 @@
+"""Parquet files: discovery, the columns a layout reads and their Arrow types, row groups, and
+the train/validation split.
+
+Every file's footer is checked up front (``scan_parquet``), so a missing column, a wrong Arrow
+type, an empty folder or an unreadable file is a ``DataError`` naming the file and column
+before any training starts; only the columns the layout needs are read later. Fixes relative
+to the reference:
+
+* split (``split_row_groups``): ``train_ratio < 1`` keeps the head fraction of the training
+  row groups and never moves rows into validation; with a single row group the last
+  ``ceil(valid_ratio * rows)`` rows are validation (the reference trained on nothing);
+  ``valid_ratio = 0`` means no validation split;
+* ``item_dense`` columns are read when the schema declares them.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pcvr.schema import ACTIVITY, FeatureLayout
+
+ID_COLUMNS = ("user_id", "timestamp")
+LABEL_COLUMN = "label_type"
+POSITIVE_LABEL_TYPE = 2
+SCHEMA_FILE = "schema.json"
+
+
+class DataError(ValueError):
+    """Parquet data that cannot be read as the schema describes; names file/column/row group."""
+
+
+def default_schema_path(data_path: str) -> str:
+    """``schema.json`` beside the data: in the folder, or beside the single parquet file."""
+    folder = data_path if os.path.isdir(data_path) else os.path.dirname(data_path)
+    return os.path.join(folder, SCHEMA_FILE)
+
+
+@dataclass(frozen=True)
+class RowGroupSlice:
+    """Rows ``[start, stop)`` of row group ``row_group`` of the parquet file ``path``."""
+    path: str
+    row_group: int
+    start: int
+    stop: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+def list_parquet_files(path: str) -> List[str]:
+    """A parquet file, or every ``*.parquet`` of a folder in sorted order."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such parquet file or folder")
+    files = sorted(glob.glob(os.path.join(path, "*.parquet")))
+    if not files:
+        raise DataError(f"{path}: the folder has no *.parquet file")
+    return files
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) and not pa.types.is_uint64(t)
+
+
+def is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+# kind -> (accepts an Arrow type, what to say when it does not)
+_KINDS = {
+    "scalar": (_is_int, "an integer scalar"),
+    "int": (lambda t: _is_int(t) or (is_list(t) and _is_int(t.value_type)),
+            "an integer scalar or list<int>"),
+    "dense": (lambda t: is_list(t) and pa.types.is_floating(t.value_type),
+              "list<float> or list<double>"),
+    "seq": (lambda t: is_list(t) and _is_int(t.value_type), "list<int>"),
+}
+
+
+def required_columns(layout: FeatureLayout, read_labels: bool) -> Dict[str, str]:
+    """Column name -> kind (a key of ``_KINDS``) of every column the pipeline reads."""
+    cols = {c: "scalar" for c in ID_COLUMNS}
+    if read_labels:
+        cols[LABEL_COLUMN] = "scalar"
+    cols.update({s.column: "int" for s in layout.user_int + layout.item_int})
+    cols.update({s.column: "dense" for s in layout.user_dense + layout.item_dense
+                 if s.kind != ACTIVITY})
+    for d in layout.seq:
+        cols.update({s.column: "seq" for s in d.side})
+        if d.ts_column:
+            cols[d.ts_column] = "seq"
+    return cols
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
+
+
+def scan_parquet(files: Sequence[str], columns: Mapping[str, str],
+                 optional: Optional[Mapping[str, str]] = None
+                 ) -> Tuple[List[RowGroupSlice], List[str]]:
+    """Checks every file's footer (columns present, Arrow types) and lists its row groups.
+
+    Reads parquet metadata only. Empty row groups are skipped.
+
+    Args:
+        files: parquet paths.
+        columns: column -> kind (``required_columns``), required in every file.
+        optional: column -> kind, type-checked where present.
+    Returns:
+        (row groups in file order, the optional columns present in every file).
+    Raises:
+        DataError: naming the file and column of the first problem found.
+    """
+    optional = optional or {}
+    slices, present = [], set(optional)
+    for path in files:
+        pf = open_parquet(path)
+        schema = pf.schema_arrow
+        for col, kind in {**optional, **columns}.items():
+            accepts, expected = _KINDS[kind]
+            idx = schema.get_field_index(col)
+            if idx < 0 and col in columns:
+                raise DataError(f"{path}: column '{col}' is missing (expected {expected})")
+            if idx < 0:
+                present.discard(col)
+            elif not accepts(schema.field(idx).type):
+                raise DataError(f"{path}: column '{col}' has Arrow type "
+                                f"{schema.field(idx).type}, expected {expected}")
+        meta = pf.metadata
+        slices += [RowGroupSlice(path, rg, 0, meta.row_group(rg).num_rows)
+                  for rg in range(meta.num_row_groups) if meta.row_group(rg).num_rows > 0]
+    return slices, sorted(present)
+
+
+def split_row_groups(slices: Sequence[RowGroupSlice], train_ratio: float, valid_ratio: float
+                     ) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
+    """(train, valid): the tail row groups are validation.
+
+    ``n_valid = max(1, int(n * valid_ratio))`` row groups; with a single row group the last
+    ``ceil(valid_ratio * rows)`` rows instead. ``train_ratio < 1`` keeps the head fraction of
+    the training row groups (of the training rows when there is one) and drops the rest.
+    """
+    if not 0.0 < train_ratio <= 1.0:
+        raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
+    if not 0.0 <= valid_ratio < 1.0:
+        raise ValueError(f"valid_ratio must be in [0, 1), got {valid_ratio}")
+    if not slices:
+        raise DataError("the parquet files hold no rows")
+    train, valid = list(slices), []
+    if valid_ratio > 0 and len(slices) == 1:
+        train, valid = _split_rows(slices[0], math.ceil(valid_ratio * slices[0].num_rows))
+    elif valid_ratio > 0:
+        n_valid = max(1, int(len(slices) * valid_ratio))
+        train, valid = train[:-n_valid], train[-n_valid:]
+    if train_ratio < 1.0:
+        if len(train) == 1:
+            keep = max(1, int(train[0].num_rows * train_ratio))
+            train = _split_rows(train[0], train[0].num_rows - keep)[0]
+        else:
+            train = train[:max(1, int(len(train) * train_ratio))]
+    return train, valid
+
+
+def _split_rows(rg: RowGroupSlice, n_tail: int
+                ) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
+    """([head], [tail]) of one row group, the tail holding ``n_tail`` rows."""
+    if n_tail >= rg.num_rows:
+        raise DataError(f"{rg.path}: row group {rg.row_group} has {rg.num_rows} rows, too "
+                        f"few to keep {n_tail} for validation and still train")
+    cut = rg.stop - n_tail
+    return [RowGroupSlice(rg.path, rg.row_group, rg.start, cut)], \
+        [RowGroupSlice(rg.path, rg.row_group, cut, rg.stop)]
