@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The seed's active configuration. Extra flags are passed through ("$@"; later flags win).
+# The seed's active configuration (the 'seed' preset of pcvr/config.py; see README "Flags").
+# Extra flags are passed through ("$@") and win over the preset.
 #
 #   bash run.sh                       # demo: generate data once, train, score the held-out split
 #   bash run.sh --data_dir DIR ...    # or TRAIN_DATA_PATH=DIR bash run.sh: train on real data
@@ -7,27 +8,21 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PY="${PYTHON:-python3}"
 
-SEED_FLAGS=(
-  --experiment_name sota_activity_dense_utc8_pair6266_bf16train_fp32infer
-  --ns_tokenizer_type rankmixer --user_ns_tokens 5 --item_ns_tokens 2 --num_queries 2
-  --ns_groups_json "" --emb_skip_threshold 1000000 --num_workers 8
-  --use_time_buckets --use_abs_time_emb --time_zone_offset_hours 8
-  --use_user_activity_dense --use_pair_62_66 --use_bf16_train --inference_dtype float32
-)
+PRESET="${PRESET:-seed}"
 
 has_data=0
 for arg in "$@"; do
   case "$arg" in --data_dir|--data_dir=*) has_data=1 ;; esac
 done
 if [[ -n "${TRAIN_DATA_PATH:-}" || $has_data == 1 ]]; then
-  exec "$PY" -u "$HERE/train.py" "${SEED_FLAGS[@]}" "$@"
+  exec "$PY" -u "$HERE/train.py" --preset "$PRESET" "$@"
 fi
 
 # Demo mode: built-in demo data with planted signals, cached; generated again whenever the
 # generator or DEMO_DATA_FLAGS change (the stamp), so a cache never outlives its generator.
 DEMO_DIR="${DEMO_DIR:-$HERE/.demo_data/default}"
 OUT_DIR="${DEMO_OUT:-$HERE/outputs/demo}"
-stamp="$(cksum < "$HERE/demo_data.py") ${DEMO_DATA_FLAGS:-}"
+stamp="$(cat "$HERE"/pcvr/demo/*.py | cksum) ${DEMO_DATA_FLAGS:-}"
 if [[ ! -f "$DEMO_DIR/eval/schema.json" || "$(cat "$DEMO_DIR/.stamp" 2>/dev/null)" != "$stamp" ]]
 then
   "$PY" "$HERE/demo_data.py" --out "$DEMO_DIR" ${DEMO_DATA_FLAGS:-}
@@ -38,7 +33,7 @@ workers=$(( $(nproc) < 8 ? $(nproc) : 8 ))
 # phenomenon) unless they are reset, and 300,000 fresh rows beat four passes over 60,000
 # (README "Demo quality"). Flags given to run.sh come later and win.
 rm -rf "$OUT_DIR/ckpt"
-"$PY" -u "$HERE/train.py" "${SEED_FLAGS[@]}" --num_workers "$workers" --num_epochs 1 \
+"$PY" -u "$HERE/train.py" --preset "$PRESET" --num_workers "$workers" --num_epochs 1 \
   --data_dir "$DEMO_DIR" --ckpt_dir "$OUT_DIR/ckpt" --log_dir "$OUT_DIR/logs" "$@"
 best=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["checkpoint"])' \
   "$OUT_DIR/ckpt/best_checkpoint.json")

@@ -35,11 +35,11 @@ import pyarrow.parquet as pq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pcvr.config import DataConfig, parse_seq_max_lens  # noqa: E402
-from pcvr.data.convert import (PCVRDataset, list_parquet_files, make_loader, required_columns,  # noqa: E402
-                     scan_parquet)
-from pcvr.schema import load_schema  # noqa: E402
-
+from pcvr.config import DataConfig  # noqa: E402
+from pcvr.data.files import list_parquet_files, required_columns, scan_parquet  # noqa: E402
+from pcvr.data.loaders import make_loader  # noqa: E402
+from pcvr.data.stream import PCVRDataset  # noqa: E402
+from pcvr.schema import load_layout  # noqa: E402
 
 
 def ensure_data(rows: int, rows_per_group: int, event_order: str, seed: int) -> str:
@@ -73,12 +73,11 @@ def run_stage(stage: str, data: str, batch_size: int, workers: int, passes: int,
               buffer_batches: int) -> Dict[str, Any]:
     """Times ``passes`` passes over the data (after one warm-up pass) in this process."""
     cfg = DataConfig()
-    layout, _ = load_schema(os.path.join(data, "schema.json"),
-                            parse_seq_max_lens(cfg.seq_max_lens), cfg.use_user_activity_dense)
+    layout, _ = load_layout(os.path.join(data, "schema.json"), cfg)
     files = list_parquet_files(data)
     columns = list(required_columns(layout, read_labels=True))
-    units, _ = scan_parquet(files, required_columns(layout, read_labels=True))
-    rows = sum(u.num_rows for u in units)
+    row_groups, _ = scan_parquet(files, required_columns(layout, read_labels=True))
+    rows = sum(rg.num_rows for rg in row_groups)
     if stage == "ceiling":
         def one_pass(epoch: int) -> None:
             for path in files:
@@ -91,13 +90,13 @@ def run_stage(stage: str, data: str, batch_size: int, workers: int, passes: int,
                         arr.to_numpy(zero_copy_only=False)  # a copy only where there are nulls
     else:
         train = stage != "eval"
-        ds = PCVRDataset(units, layout, cfg, batch_size, shuffle=train,
+        ds = PCVRDataset(row_groups, layout, cfg, batch_size, shuffle=train,
                          buffer_batches=buffer_batches if train else 0)
         loader = make_loader(ds, workers if stage == "workers" else 0, pin_memory=False)
 
         def one_pass(epoch: int) -> None:
             loader.set_epoch(epoch)
-            n = sum(int(b["label"].shape[0]) for b in loader)
+            n = sum(b.size for b in loader)
             assert n == rows, (n, rows)
 
     one_pass(0)  # warm-up: page cache, lazy imports, allocator

@@ -19,18 +19,19 @@ import os
 import tempfile
 import time
 
-from common import ROOT, ensure_online_data, peak_rss_gb, seed_flags
+from common import ROOT, ensure_online_data, peak_rss_gb
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import infer
-from pcvr.config import parse_config, parse_seq_max_lens
-from pcvr.data.convert import get_eval_loader
-from pcvr.model.hyformer import build_model, load_ns_groups
-from pcvr.schema import NUM_TIME_BUCKETS, load_schema
-from pcvr.training.trainer import save_checkpoint
+from pcvr import checkpoint
+from pcvr.batch import Batch
+from pcvr.config import parse_config
+from pcvr.data.loaders import get_eval_loader
+from pcvr.model.build import build_model
 from pcvr.runtime import set_seed
+from pcvr.schema import load_layout
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -45,11 +46,11 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def forward_gflop_per_row(model: torch.nn.Module, batch: dict) -> float:
+def forward_gflop_per_row(model: torch.nn.Module, batch: Batch) -> float:
     """Matrix-product and attention GFLOP per row of one float32 inference forward pass."""
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model.eval().predict(batch)
-    return counter.get_total_flops() / batch["label"].shape[0] / 1e9
+    return counter.get_total_flops() / batch.size / 1e9
 
 
 def main() -> None:
@@ -61,27 +62,23 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = ensure_online_data(rows=args.rows, seq_len_scale=args.seq_len_scale, seed=1)
-    cfg = parse_config(seed_flags() + ["--data_dir", data_dir, "--batch_size",
+    cfg = parse_config(["--preset", "seed", "--data_dir", data_dir, "--batch_size",
                                        str(args.batch_size), "--num_workers",
                                        str(args.num_workers)], environ={})
     set_seed(0)
-    schema_path = os.path.join(data_dir, "schema.json")
-    layout, raw_schema = load_schema(schema_path, parse_seq_max_lens(cfg.data.seq_max_lens),
-                                     cfg.data.use_user_activity_dense)
-    ns_groups, ns_path = load_ns_groups(cfg.model.ns_groups_json)
-    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups,
-                        user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding)
+    layout, raw_schema = load_layout(os.path.join(data_dir, "schema.json"), cfg.data)
+    model = build_model(cfg, layout)
     batch = next(iter(get_eval_loader(data_dir, layout, cfg.data, args.batch_size, 0)))
     gflop, peak = forward_gflop_per_row(model, batch), matmul_gflops()
     print(f"forward {gflop:.3f} GFLOP/row (matrix products and attention); float32 matrix "
           f"products {peak:.0f} GFLOP/s here: fp32_ceiling_rows_per_s {peak / gflop:.0f}")
     with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".demo_data")) as tmp:
         ckpt = os.path.join(tmp, "global_step0.bench")
-        save_checkpoint(ckpt, model.state_dict(), cfg, raw_schema, ns_path,
-                        {"num_time_buckets": NUM_TIME_BUCKETS})
+        checkpoint.save(ckpt, model.state_dict(), cfg, raw_schema, {},
+                        checkpoint.CheckpointMeta())
         del model
         t0 = time.perf_counter()
-        infer.load_model(ckpt, infer.load_checkpoint_config(ckpt)[0], data_dir)
+        checkpoint.load_model(checkpoint.read(ckpt))
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pred = infer.run_inference(ckpt, data_dir, os.path.join(tmp, "out"))

@@ -14,16 +14,16 @@ import argparse
 import os
 import time
 
-from common import ROOT, ensure_online_data, peak_rss_gb, seed_flags
+from common import ROOT, ensure_online_data, peak_rss_gb
 
 import torch
 
 from pcvr.config import parse_config
-from pcvr.data.convert import get_pcvr_data
-from pcvr.model.hyformer import build_model, load_ns_groups
-from pcvr.schema import NUM_TIME_BUCKETS
-from pcvr.training.trainer import Trainer
+from pcvr.data.loaders import get_pcvr_data
+from pcvr.model.build import build_model
 from pcvr.runtime import count_params, set_seed
+from pcvr.schema import load_layout
+from pcvr.training.trainer import Trainer
 
 
 def main() -> None:
@@ -41,26 +41,21 @@ def main() -> None:
     n_batches = args.steps + args.warmup
     data_dir = ensure_online_data(rows=max(512, args.batch_size * n_batches),
                                   seq_len_scale=args.seq_len_scale)
-    cfg = parse_config(seed_flags() + ["--data_dir", data_dir, "--batch_size",
+    cfg = parse_config(["--preset", "seed", "--data_dir", data_dir, "--batch_size",
                                        str(args.batch_size), "--num_workers", "0",
                                        "--valid_ratio", "0", "--buffer_batches", "0",
                                        "--ckpt_dir", os.path.join(ROOT, "outputs", "bench")]
                        + args.extra.split(), environ={})
     set_seed(0)
-    loader, _, layout, _ = get_pcvr_data(
-        data_dir=data_dir, schema_path=os.path.join(data_dir, "schema.json"), data_cfg=cfg.data,
-        batch_size=args.batch_size, num_workers=0, buffer_batches=0, train_ratio=1.0,
-        valid_ratio=0.0, seed=0)
-    batches = [b for b in loader if b["label"].numel() == args.batch_size]
+    layout, _ = load_layout(os.path.join(data_dir, "schema.json"), cfg.data)
+    loader, _, _ = get_pcvr_data(data_dir, layout, cfg.data, cfg.train)
+    batches = [b for b in loader if b.size == args.batch_size]
     while len(batches) < n_batches:  # reuse batches if the data is short
         batches += batches
     batches = batches[:n_batches]
 
-    ns_groups, _ = load_ns_groups(cfg.model.ns_groups_json)
-    model = build_model(layout, cfg.model, cfg.decoupling, ns_groups,
-                        user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding)
-    trainer = Trainer(model, cfg, [], None, torch.device("cpu"), {}, None,
-                      {"num_time_buckets": NUM_TIME_BUCKETS})
+    model = build_model(cfg, layout)
+    trainer = Trainer(model, cfg, [], None, torch.device("cpu"))
     print(f"model: {count_params(model.parameters()) / 1e6:.1f}M parameters "
           f"({count_params(model.sparse_parameters()) / 1e6:.1f}M in embedding tables), "
           f"bf16 autocast {trainer.use_bf16}, threads {torch.get_num_threads()}", flush=True)

@@ -2,26 +2,13 @@
 from __future__ import annotations
 
 import os
-import re
 import resource
-import shlex
 import subprocess
 import sys
-from typing import List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-
-def seed_flags() -> List[str]:
-    """The SEED_FLAGS array of run.sh, so that the benchmarks measure exactly the run.sh model."""
-    with open(os.path.join(ROOT, "run.sh"), "r", encoding="utf-8") as fh:
-        text = fh.read()
-    match = re.search(r"^SEED_FLAGS=\((.*?)^\)", text, re.S | re.M)
-    if match is None:
-        raise RuntimeError("run.sh has no SEED_FLAGS=( ... ) block")
-    return shlex.split(match.group(1), comments=True)
 
 
 def ensure_online_data(rows: int, seq_len_scale: float, seed: int = 0) -> str:

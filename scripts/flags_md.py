@@ -12,13 +12,13 @@ import pcvr.config as config  # noqa: E402
 
 
 def main() -> None:
-    for cls in config.SECTIONS:
+    for cls in config.SECTIONS + (config.InferConfig,):
         print(f"#### {cls.__name__}: {(cls.__doc__ or '').strip()}\n")
         print("| flag | default | meaning |\n|---|---|---|")
         for f in dataclasses.fields(cls):
             default = f.default
             if f.name == "ns_groups_json":
-                default = "<script dir>/ns_groups.json"
+                default = "<project dir>/ns_groups.json"
             name = f"`--{f.name}`"
             if config._field_type(cls, f) is bool:
                 neg = f.metadata.get("negate") or "no_" + (
@@ -26,7 +26,7 @@ def main() -> None:
                 name += f" / `--{neg}`"
             extra = f" Choices: {', '.join(map(str, f.metadata['choices']))}." \
                 if "choices" in f.metadata else ""
-            env = f" Env `{f.metadata['env']}` overrides." if "env" in f.metadata else ""
+            env = f" Env `{f.metadata['env']}`." if "env" in f.metadata else ""
             print(f"| {name} | `{default!r}` | {f.metadata['help']}.{extra}{env} |")
         print()
 
