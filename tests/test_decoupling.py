@@ -1,8 +1,9 @@
-"""Decoupling losses on hand-computed cases, and the MovieLens benchmark end to end on a tiny
+"""Decoupling losses on hand-computed cases, and the MovieLens protocol end to end on a tiny
 fixture written in the ML-100K format (the real data is only used when present)."""
 import dataclasses
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,16 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pcvr.config import DecouplingConfig
+from pcvr.debias import movielens as ml
+from pcvr.debias.metrics import mean_std, ndcg_per_user, pair_bpr
+from pcvr.model.decoupling import (EntityDecoupler, atom_orth_ssl_loss,
+                                   contrastive_uniformity_loss, first_occurrences,
+                                   ipw_sample_weight, orthogonal_component, stage1_loss)
 
-from benchmarks import movielens as ml  # noqa: E402
-from pcvr.config import DecouplingConfig  # noqa: E402
-from pcvr.model.decoupling import (EntityDecoupler, atom_orth_ssl_loss,  # noqa: E402
-                        contrastive_uniformity_loss, ipw_sample_weight, orthogonal_component,
-                        stage1_loss)
+REPO = Path(__file__).resolve().parents[1]
 
 REAL_DATA = REPO.parent / "shared" / "data" / "ml-100k"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and it leaves the other core to the rest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -141,7 +151,36 @@ def test_entity_decoupler_shapes_weights_and_loss_rows():
         assert head.losses[k].item() == pytest.approx(first.losses[k].item(), rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- benchmark
+def test_first_occurrences():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [0.0, 0.0], [3.0, 4.0]])
+    assert first_occurrences(x).tolist() == [0, 1, 3]
+    assert first_occurrences(torch.eye(3)).tolist() == [0, 1, 2]
+
+
+def test_unique_entities_count_each_entity_once():
+    torch.manual_seed(0)
+    cfg = _cfg(decouple_fake_neg_threshold=2.0)  # no masking: duplicates would change the loss
+    plain = EntityDecoupler(atom_in=4, side_in=3, out_dim=6, cfg=cfg)
+    unique = EntityDecoupler(atom_in=4, side_in=3, out_dim=6, cfg=cfg, unique_entities=True)
+    unique.load_state_dict(plain.state_dict())
+    atom_x, side_x = torch.randn(5, 4), torch.randn(5, 3)
+    rows = torch.tensor([0, 1, 0, 0, 2, 3, 1])  # entity 0 three times, 1 twice
+    once = torch.tensor([0, 1, 2, 3])
+    want = plain(atom_x[once], side_x[once]).losses
+    got = unique(atom_x[rows], side_x[rows])
+    skewed = plain(atom_x[rows], side_x[rows]).losses
+    for k in want:
+        assert got.losses[k].item() == pytest.approx(want[k].item(), rel=1e-5)
+    assert any(abs(skewed[k].item() - want[k].item()) > 1e-4 for k in want)
+    assert got.atom.shape == (7, 6)  # every row is still represented
+    # loss_rows first, then the distinct ones among them
+    head = unique(atom_x[rows], side_x[rows], loss_rows=3)  # rows 0, 1, 0 -> entities 0, 1
+    pair = plain(atom_x[:2], side_x[:2]).losses
+    for k in pair:
+        assert head.losses[k].item() == pytest.approx(pair[k].item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- MovieLens
 
 
 def write_fixture(root: Path, n_users: int = 20, n_items: int = 50, per_user: int = 22,
@@ -169,29 +208,64 @@ def write_fixture(root: Path, n_users: int = 20, n_items: int = 50, per_user: in
     return root
 
 
-def test_benchmark_end_to_end_on_fixture(tmp_path, capsys):
-    data_dir = write_fixture(tmp_path / "ml")
-    results = ml.main(["--data_dir", str(data_dir), "--quick", "--seeds", "2"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(r"ndcg_decoupled \d\.\d{4} ndcg_best_baseline \d\.\d{4} spread \d\.\d{4}",
-                        lines[-1])
-    assert {r.key for r in ml.ROWS} == set(results)
-    assert sum(line.startswith("| ") for line in lines) == len(ml.ROWS) + 1  # header + rows
+QUICK = ml.TrainSettings(epochs=1, batch_size=64, lr=5e-3, weight_decay=0.1, emb_dim=8, dim=8,
+                         max_steps_per_epoch=5)
+
+
+def _cfg_user(**kw) -> DecouplingConfig:
+    return _cfg(decouple_user=True, decouple_dim=8, **kw)
+
+
+def test_movielens_rows_end_to_end_on_fixture(tmp_path):
+    data = ml.load_movielens(str(write_fixture(tmp_path / "ml")))
+    split = ml.make_split(data)
+    results = {}
+    for row in ml.ROWS:
+        cfg = _cfg_user(**dict(row.overrides))
+        results[row.key] = [ml.run_one(data, split, split.test, row.variant, cfg, QUICK, s)
+                            for s in (0, 1)]
     for runs in results.values():
-        assert len(runs) == 2
+        assert runs[0] != runs[1]  # the seed matters
         for r in runs:
             assert 0.0 < r["ndcg"] <= 1.0 and 0.0 < r["ndcg_tail"] <= 1.0 and r["bpr"] > 0
-    dec = ml.mean_std([r["ndcg"] for r in results["decoupled"]])
-    assert lines[-1].startswith(f"ndcg_decoupled {dec[0]:.4f} ")
+            assert 0.0 < r["ndcg_pop"] <= 1.0
+            buckets = [r[f"ndcg_pop{b}"] for b in range(ml.POPULARITY_BUCKETS)]
+            assert r["ndcg_pop"] == pytest.approx(np.nanmean(buckets))
+    table = ml.markdown_table(results).splitlines()
+    assert len(table) == len(ml.ROWS) + 2 and "NDCG pop-stratified" in table[0]
+    assert len(ml.bucket_table(results).splitlines()) == len(ml.ROWS) + 2
+    line = ml.summary_line(results)
+    assert re.fullmatch(r"ndcg_decoupled \d\.\d{4} ndcg_best_baseline \d\.\d{4} spread "
+                        r"\d\.\d{4}", line)
+    dec = mean_std([r["ndcg"] for r in results["decoupled"]])
+    best = max(mean_std([r["ndcg"] for r in results[k]]) for k in ml.BASELINES)
+    assert line == (f"ndcg_decoupled {dec[0]:.4f} ndcg_best_baseline {best[0]:.4f} "
+                    f"spread {max(dec[1], best[1]):.4f}")
+    assert ml.summary_line(results, "ndcg_pop").startswith("ndcg_pop_decoupled ")
 
 
-def test_benchmark_is_deterministic_and_honours_rows(tmp_path):
-    data_dir = str(write_fixture(tmp_path / "ml"))
-    argv = ["--data_dir", data_dir, "--quick", "--seeds", "1", "--rows", "decoupled",
-            "--decouple_ipw"]
-    first, second = ml.main(argv), ml.main(argv)
-    assert list(first) == ["decoupled"]
-    assert first == second
+def test_movielens_run_is_deterministic_and_ipw_changes_it(tmp_path):
+    data = ml.load_movielens(str(write_fixture(tmp_path / "ml")))
+    split = ml.make_split(data)
+    plain = ml.run_one(data, split, split.valid, "decoupled", _cfg_user(), QUICK, 3)
+    assert plain == ml.run_one(data, split, split.valid, "decoupled", _cfg_user(), QUICK, 3)
+    ipw = ml.run_one(data, split, split.valid, "decoupled", _cfg_user(decouple_ipw=True), QUICK,
+                     3)
+    assert ipw != plain
+
+
+def test_movielens_cli_on_fixture(tmp_path):
+    data_dir = write_fixture(tmp_path / "ml")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "movielens.py"), "--data_dir",
+           str(data_dir), "--quick", "--seeds", "1", "--rows", "concat_mlp,decoupled"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
+    lines = out.strip().splitlines()
+    assert re.fullmatch(r"ndcg_decoupled \d\.\d{4} ndcg_best_baseline \d\.\d{4} spread "
+                        r"0\.0000", lines[-1])
+    assert lines[-2].startswith("ndcg_pop_decoupled ")
+    missing = subprocess.run(cmd[:2] + ["--data_dir", str(tmp_path / "nope"), "--quick"],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode != 0 and "is not a directory" in missing.stderr
 
 
 def test_split_and_candidates(tmp_path):
@@ -201,31 +275,50 @@ def test_split_and_candidates(tmp_path):
     rated = {(u, i) for u, i in zip(data.user.tolist(), data.item.tolist())}
     train = set(zip(split.train_user.tolist(), split.train_item.tolist()))
     for ev, k in ((split.valid, ml.VALID_K), (split.test, ml.TEST_K)):
-        assert ev.items.shape == (data.n_users, 2 * k)
+        assert ev.items.shape == (data.n_users, 2 * k) and ev.valid.all()
         assert (ev.labels[:, :k] > 0).all() and (ev.labels[:, k:] == 0).all()
         for u, items in zip(ev.users.tolist(), ev.items.tolist()):
             assert all((u, i) in rated and (u, i) not in train for i in items[:k])
             assert all((u, i) not in rated for i in items[k:])
     assert len(split.train_user) == len(data.user) - data.n_users * (ml.TEST_K + ml.VALID_K)
     assert split.long_tail.sum() == int(0.8 * data.n_items)
+    counts = np.bincount(split.train_item, minlength=data.n_items)
+    assert np.bincount(split.popularity).tolist() == [10] * 5  # 50 items, equal buckets
+    # Buckets follow train popularity: every item of a bucket is at most as popular as any
+    # item of the next one.
+    for b in range(ml.POPULARITY_BUCKETS - 1):
+        assert counts[split.popularity == b].max() <= counts[split.popularity == b + 1].min()
+    # The long tail is the least popular 80 %: the first four buckets exactly.
+    assert (split.long_tail == (split.popularity < 4)).all()
+
+
+def test_entity_tables_of_movielens(tmp_path):
+    data = ml.load_movielens(str(write_fixture(tmp_path / "ml")))
+    users, items = data.user_table(), data.item_table()
+    assert users.n == data.n_users and items.n == data.n_items
+    assert [f.name for f in users.side] == ["gender", "age", "occupation", "zip"]
+    for f, v in zip(users.side, data.user_side_vocab):
+        assert f.ids.min() >= 1 and f.ids.max() < f.vocab == v + 1  # 0 stays padding
+    assert [f.name for f in items.atom] == ["id", "title"]
+    assert (items.atom[0].ids[:, 0] == np.arange(1, data.n_items + 1)).all()
 
 
 def test_ndcg_and_pair_bpr_hand_cases():
     labels = torch.tensor([[2, 1, 0]])
     everything = torch.ones(1, 3, dtype=torch.bool)
-    assert ml.ndcg_per_user(torch.tensor([[3.0, 2.0, 1.0]]), labels, everything).item() == 1.0
+    assert ndcg_per_user(torch.tensor([[3.0, 2.0, 1.0]]), labels, everything).item() == 1.0
     # Order 0, 2, 1 (gains 3, 0, 1): DCG = 3 + 1/log2(4) over IDCG = 3 + 1/log2(3)
-    got = ml.ndcg_per_user(torch.tensor([[3.0, 1.0, 2.0]]), labels, everything).item()
+    got = ndcg_per_user(torch.tensor([[3.0, 1.0, 2.0]]), labels, everything).item()
     assert got == pytest.approx((3 + 0.5) / (3 + 1 / math.log2(3)), rel=1e-6)
     # Restricted to items 1 and 2 (ranked 2, 1): gains 0, 1 -> 1/log2(3)
     mask = torch.tensor([[False, True, True]])
-    assert ml.ndcg_per_user(torch.tensor([[3.0, 1.0, 2.0]]), labels, mask).item() == \
+    assert ndcg_per_user(torch.tensor([[3.0, 1.0, 2.0]]), labels, mask).item() == \
         pytest.approx(1 / math.log2(3), rel=1e-6)
-    assert torch.isnan(ml.ndcg_per_user(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.long),
-                                        everything)).all()
+    assert torch.isnan(ndcg_per_user(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.long),
+                                     everything)).all()
     scores = torch.tensor([[1.0, 0.0, 0.0]])
     want = (2 * -math.log(1 / (1 + math.exp(-1))) + math.log(2)) / 3  # pairs 0>1, 0>2, 1>2
-    assert ml.pair_bpr(scores, labels).item() == pytest.approx(want, rel=1e-6)
+    assert pair_bpr(scores, labels).item() == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("broken, message", [
@@ -245,19 +338,18 @@ def test_data_errors_are_clear(tmp_path, broken, message):
         data.write_text(data.read_text() + bad + "\n")
     with pytest.raises(ml.MovieLensError, match=re.escape(message)):
         ml.load_movielens(str(root))
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        ml.main(["--data_dir", str(root), "--quick", "--seeds", "1"])
 
 
 def test_missing_folder_is_clear(tmp_path):
-    with pytest.raises(SystemExit, match="is not a directory"):
-        ml.main(["--data_dir", str(tmp_path / "nope"), "--quick"])
+    with pytest.raises(ml.MovieLensError, match="is not a directory"):
+        ml.load_movielens(str(tmp_path / "nope"))
 
 
-@pytest.mark.skipif(not (REAL_DATA / "u.data").is_file(), reason="ML-100K not present")
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="../shared/data/ml-100k not present")
 def test_real_movielens_loads_and_splits():
     data = ml.load_movielens(str(REAL_DATA))
     assert (data.n_users, data.n_items, len(data.user)) == (943, 1682, 100000)
     split = ml.make_split(data)
     assert len(split.test.users) == 943 and split.test.items.shape[1] == 2 * ml.TEST_K
     assert len(split.train_user) == 100000 - 943 * (ml.TEST_K + ml.VALID_K)
+    assert np.bincount(split.popularity).tolist() == [337, 336, 337, 336, 336]

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pcvr.demo import columns, effects, generator, layout, oracle, world
+from pcvr.demo import columns, effects, generator, layout, oracle, variants, world
 from pcvr.metrics import roc_auc
 
 ONLINE_SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
@@ -264,8 +264,8 @@ def test_sidecar_truth_and_calibration(data):
     assert train["oracle_auc"] == pytest.approx(oracle.oracle_auc(out))
     assert 0.80 <= oracle.oracle_auc(os.path.join(out, "eval")) <= 0.86
     shares = train["shares"]
-    for effect in effects.EFFECTS:
-        assert shares[effect.name] == pytest.approx(effect.share, abs=0.05), effect.name
+    for effect, target in zip(effects.EFFECTS, variants.VARIANTS["default"].shares):
+        assert shares[effect.name] == pytest.approx(target, abs=0.05), effect.name
     assert shares["abs_time"] + shares["pair_62_66"] > 0.3
     assert 0.03 < shares["noise_of_total"] < 0.1
 
@@ -296,32 +296,29 @@ def test_every_planted_effect_moves_the_labels(data):
             assert roc_auc(z["label"], z[f"logit_{effect.name}"]) > 0.53, effect.name
 
 
-def test_planted_effects_are_visible_in_the_parquet(data):
-    """Four effects recomputed from the columns alone match the sidecar and move the labels."""
-    out, _ = data
+def _effects_from_columns(out: str, var: variants.Variant
+                          ) -> Tuple[np.ndarray, Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(labels, four effects recomputed from the parquet columns alone, the truth sidecar)."""
     table = _table(out)
     label = table["label_type"].to_numpy() == 2
     ts = table["timestamp"].to_numpy()
     n = ts.size
     with np.load(os.path.join(out, oracle.TRUTH_FILE)) as z:
         truth = {k: z[k] for k in z.files}
-
-    def check(name: str, value: np.ndarray, min_auc: float) -> None:
-        assert np.corrcoef(value, truth[f"logit_{name}"])[0, 1] > 0.999, name
-        assert roc_auc(label, value) > min_auc, name
+    links = var.links
 
     def latent(column: str, link: str) -> np.ndarray:
         ids = table[column].to_numpy()
         return np.argmax(truth[link][None, :] == ids[:, None], axis=1)
 
-    # abs_time: hour and day of week at UTC+8; evenings convert more than mornings.
-    local = ts + 8 * 3600
+    # abs_time: hour and day of week in the variant's time zone.
+    local = ts + var.tz_hours * 3600
     hour, dow = (local // 3600) % 24, (local // 86400 + 3) % 7
-    check("abs_time", np.cos(2 * np.pi * (hour - 21) / 24) + 0.7 * (dow >= 5), 0.6)
-    assert label[hour >= 18].mean() > label[(hour >= 2) & (hour < 10)].mean() + 0.03
+    found = {"abs_time": np.cos(2 * np.pi * (hour - 21) / 24) + 0.7 * (dow >= 5)}
 
     # activity and seq_affinity: event counts and the share of the target's category.
-    latent_cat = latent("item_int_feats_5", "category_item_int_5")
+    cat = f"category_item_int_{links.item_category}"
+    latent_cat = latent(f"item_int_feats_{links.item_category}", cat)
     counts, weighted, matched = np.zeros((4, n)), np.zeros(n), np.zeros(n)
     for prefix, ts_fid, _ in layout.ONLINE_SEQ.values():
         row, ev = _ragged(table[f"{prefix}_{ts_fid}"])
@@ -336,34 +333,39 @@ def test_planted_effects_are_visible_in_the_parquet(data):
         weighted += np.bincount(row, weights=w, minlength=n)
         matched += np.bincount(row, weights=w * (cats == truth[key][latent_cat[row]]),
                                minlength=n)
-    check("activity", np.log1p(counts).sum(axis=0), 0.55)
-    check("seq_affinity", matched / (weighted + 1.0), 0.6)
+    found["activity"] = np.log1p(counts).sum(axis=0)
+    found["seq_affinity"] = matched / (weighted + 1.0)
 
-    # pair_62_66: sqrt(log1p(value)) that the 62 list pairs with the target's type (0 when
-    # the type is absent).
-    row, ids = _ragged(table["user_int_feats_62"])
-    _, values = _ragged(table["user_dense_feats_62"])
-    hit = ids == truth["type_user_int_62"][latent("item_int_feats_13", "type_item_int_13")[row]]
-    pair = np.zeros(n)
-    pair[row[hit]] = np.sqrt(np.log1p(values[hit]))
-    check("pair_62_66", pair, 0.6)
-    present = pair > 0
-    assert roc_auc(label[present], pair[present]) > 0.52     # the value matters, not only the id
+    # pair_62_66: sqrt(log1p(value)) that the pair list pairs with the target's type (or
+    # category), 0 when it is absent.
+    fid = links.pair_fid
+    row, ids = _ragged(table[f"user_int_feats_{fid}"])
+    _, values = _ragged(table[f"user_dense_feats_{fid}"])
+    if links.pair_entity == variants.TYPE:
+        target = latent(f"item_int_feats_{links.item_type}", f"type_item_int_{links.item_type}")
+    else:
+        target = latent_cat
+    hit = ids == truth[f"{links.pair_entity}_user_int_{fid}"][target[row]]
+    found["pair_62_66"] = np.zeros(n)
+    found["pair_62_66"][row[hit]] = np.sqrt(np.log1p(values[hit]))
+    for name, value in found.items():
+        assert np.corrcoef(value, truth[f"logit_{name}"])[0, 1] > 0.999, name
+    return label, found, truth
+
+
+def test_planted_effects_are_visible_in_the_parquet(data):
+    """Four effects recomputed from the columns alone match the sidecar and move the labels."""
+    label, found, _ = _effects_from_columns(data[0], variants.VARIANTS["default"])
+    for name, min_auc in (("abs_time", 0.6), ("activity", 0.55), ("seq_affinity", 0.6),
+                          ("pair_62_66", 0.6)):
+        assert roc_auc(label, found[name]) > min_auc, name
+    present = found["pair_62_66"] > 0                       # the value matters, not the id only
+    assert roc_auc(label[present], found["pair_62_66"][present]) > 0.52
+    hour = (_table(data[0])["timestamp"].to_numpy() + 8 * 3600) // 3600 % 24
+    assert label[hour >= 18].mean() > label[(hour >= 2) & (hour < 10)].mean() + 0.03
 
 
 # ------------------------------------------------------------------------------- options
-
-@pytest.mark.parametrize("order", ["newest_first", "unordered"])
-def test_event_order_option(tmp_path, order):
-    generator.generate(str(tmp_path), 300, 1, eval_rows=0, event_order=order, **SMALL)
-    row, ts = _ragged(_table(str(tmp_path))["domain_d_seq_26"])
-    step = np.diff(ts)[row[1:] == row[:-1]]
-    if order == "newest_first":
-        assert (step <= 0).all()
-    else:
-        assert (step > 0).any() and (step < 0).any()
-    assert not os.path.exists(os.path.join(str(tmp_path), "eval", "schema.json"))
-
 
 def test_custom_schema_and_uncapped_vocab(tmp_path):
     schema = layout.load_layout(None, vocab_cap=0).schema_json()
@@ -380,7 +382,7 @@ def test_custom_schema_and_uncapped_vocab(tmp_path):
     assert pc.max(pc.list_flatten(table["domain_c_seq_47"])).as_py() > DEFAULTS.vocab_cap
     del schema["user_int"][0]                                      # drops fid 1
     with pytest.raises(ValueError, match="user_int 1"):
-        world.check_links(layout.load_layout(schema, 0).features, world.Links())
+        world.check_links(layout.load_layout(schema, 0).features, variants.Links())
     schema["seq"]["seq_a"]["features"].append([40, 9])             # duplicated fid
     with pytest.raises(ValueError, match="duplicated fid 40"):
         layout.load_layout(schema, 0)
@@ -401,11 +403,20 @@ def test_full_scale_history_lengths(tmp_path):
     assert summary["splits"]["train"]["row_groups"] >= 1
 
 
+def _order_steps(out: str) -> np.ndarray:
+    """Time steps between consecutive events of one history (domain d)."""
+    row, ts = _ragged(_table(out)["domain_d_seq_26"])
+    return np.diff(ts)[row[1:] == row[:-1]]
+
+
 def test_cli(tmp_path, capsys):
     summary = generator.main(["--out", str(tmp_path), "--rows", "200", "--eval_rows", "100",
-                              "--seq_len_scale", "0.02", "--files", "1", "--seed", "9"])
+                              "--seq_len_scale", "0.02", "--files", "1", "--seed", "9",
+                              "--event_order", "newest_first"])
     assert summary["splits"]["eval"]["rows"] == 100
     assert summary["options"]["vocab_cap"] == DEFAULTS.vocab_cap
+    assert summary["options"]["event_order"] == "newest_first"
+    assert (_order_steps(str(tmp_path)) <= 0).all()
     assert len(glob.glob(os.path.join(str(tmp_path), "eval", "*.parquet"))) == 1
     with pytest.raises(SystemExit) as exit_help:
         generator.main(["--help"])
@@ -413,3 +424,59 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_no_out:
         generator.main(["--rows", "10"])
     assert exit_no_out.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- variants
+
+def test_variants_are_complete_and_fit_the_online_schema():
+    online = layout.load_layout(None, vocab_cap=0).features
+    assert list(variants.VARIANTS)[0] == variants.DEFAULT_VARIANT == DEFAULTS.variant
+    for var in variants.VARIANTS.values():
+        assert len(var.shares) == len(effects.EFFECTS), var.name
+        assert sum(var.shares) == pytest.approx(1.0), var.name
+        assert var.event_order in variants.EVENT_ORDERS, var.name
+        world.check_links(online, var.links)
+        assert f"--time_zone_offset_hours {var.tz_hours}" in var.describe()
+    assert len({v.links for v in variants.VARIANTS.values()}) == len(variants.VARIANTS)
+    assert len({v.tz_hours for v in variants.VARIANTS.values()}) == len(variants.VARIANTS)
+
+
+@pytest.fixture(scope="module", params=[v for v in variants.VARIANTS if v != "default"])
+def variant_data(request, tmp_path_factory) -> Tuple[str, variants.Variant, Dict]:
+    """3,000 training rows of a non-default variant, written over a stale held-out split."""
+    out = str(tmp_path_factory.mktemp(f"variant_{request.param}"))
+    os.makedirs(os.path.join(out, "eval"))
+    with open(os.path.join(out, "eval", "schema.json"), "w") as fh:
+        fh.write("{}")
+    summary = generator.generate(out, 3000, 7, eval_rows=0, variant=request.param, **SMALL)
+    return out, variants.VARIANTS[request.param], summary
+
+
+def test_variant_moves_the_signals_and_keeps_the_layout(variant_data, data):
+    out, var, summary = variant_data
+    assert summary["options"]["variant"] == var.name
+    assert not os.path.exists(os.path.join(out, "eval", "schema.json"))
+    with open(os.path.join(out, "schema.json")) as a, \
+            open(os.path.join(data[0], "schema.json")) as b:
+        assert a.read() == b.read()                         # same columns as the default
+    label, found, truth = _effects_from_columns(out, var)   # the variant's fids and zone
+    assert "category_item_int_5" not in truth and "type_item_int_13" not in truth
+    train = summary["splits"]["train"]
+    for effect, target in zip(effects.EFFECTS, var.shares):
+        assert train["shares"][effect.name] == pytest.approx(target, abs=0.05), effect.name
+    assert train["pos_rate"] == pytest.approx(var.pos_rate, rel=0.25)
+    assert train["oracle_auc"] == pytest.approx(var.oracle_auc, abs=0.04)
+    capture = oracle.effect_capture(out, truth["user_id"], 2.0 * truth["logit_abs_time"])
+    assert capture["abs_time"] == pytest.approx(2.0, abs=1e-6)
+
+    table = _table(out)
+    values = pc.list_flatten(table[f"user_dense_feats_{var.links.pair_fid}"]).to_numpy()
+    assert abs(np.log(np.median(values)) - var.pair_log_mean) < 1.0
+    profile = np.abs(pc.list_flatten(
+        table[f"user_dense_feats_{var.links.profile_embedding}"]).to_numpy()).max()
+    assert 0.5 * 0.68 * var.embed_scale < profile <= 0.68 * var.embed_scale
+    step = _order_steps(out)
+    if var.event_order == "newest_first":
+        assert (step <= 0).all()
+    else:
+        assert (step > 0).any() and (step < 0).any()

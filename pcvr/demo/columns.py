@@ -36,7 +36,6 @@ from pcvr.demo.sampling import categorical, lengths_to_offsets, power_index, sig
 from pcvr.demo.world import N_CATEGORIES, SEQ_ITEMS_PER_CATEGORY, World
 from pcvr.metrics import roc_auc
 
-EVENT_ORDERS = ("newest_first", "oldest_first", "unordered")
 SCHEMA_FILE = "schema.json"
 PARQUET_COMPRESSION = "zstd"
 OOV_RATE = 2e-4

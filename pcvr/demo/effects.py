@@ -5,6 +5,8 @@ z-scored on a calibration batch; the weights make every effect's share hit its t
 effects that share the taste vector are correlated); scale and intercept give an expected
 oracle AUC of 0.83 and a positive rate of 0.096 (the platform's 0.0959). "Share" is
 Cov(effect, explainable logit) / Var(explainable logit), which sums to 1 over the effects.
+The table gives the default variant's fids, time zone and targets; ``pcvr.demo.variants``
+moves them.
 
     effect        share  what raises p                                   aimed at
     base          0.20   main effects: item category, sub-category and   plain NS tokens
@@ -37,33 +39,32 @@ from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from pcvr.demo.rows import (RECENT_WINDOW_S, TRAIN_DAYS, TRAIN_START, History, Rows,
-                            draw_histories, draw_rows, local_hour_dow)
+from pcvr.demo.rows import (RECENT_WINDOW_S, TRAIN_DAYS, History, Rows, draw_histories,
+                            draw_rows, local_hour_dow, train_start)
 from pcvr.demo.sampling import sigmoid
-from pcvr.demo.world import CATEGORY, CATEGORY_GROUPS, World
+from pcvr.demo.variants import CATEGORY
+from pcvr.demo.world import CATEGORY_GROUPS, World
 from pcvr.schema import ACTIVITY_WINDOWS_S
 
 
 @dataclass(frozen=True)
 class Effect:
-    """One planted effect: its name, what should capture it, its target variance share."""
+    """One planted effect: its name and what should capture it (its target share is the
+    variant's)."""
     name: str
     target: str
-    share: float
 
 
 EFFECTS: Tuple[Effect, ...] = (
-    Effect("base", "plain NS tokens (item 5/6/13, user 1/48/49)", 0.20),
-    Effect("abs_time", "--use_abs_time_emb --time_zone_offset_hours 8", 0.22),
-    Effect("activity", "--use_user_activity_dense (fids 900-915)", 0.10),
-    Effect("pair_62_66", "--use_pair_62_66", 0.15),
-    Effect("seq_affinity", "sequence encoders / target attention", 0.15),
-    Effect("user_x_item", "NS tokenizers / RankMixer (user 1 x item 5 group)", 0.08),
-    Effect("dense_dot", "user dense token (61, 87) x item tokens", 0.10),
+    Effect("base", "plain NS tokens (the linked item and user scalars)"),
+    Effect("abs_time", "--use_abs_time_emb --time_zone_offset_hours <the variant's zone>"),
+    Effect("activity", "--use_user_activity_dense (fids 900-915)"),
+    Effect("pair_62_66", "--use_pair_62_66"),
+    Effect("seq_affinity", "sequence encoders / target attention"),
+    Effect("user_x_item", "NS tokenizers / RankMixer (user segment x item category group)"),
+    Effect("dense_dot", "user dense token (taste and profile embeddings) x item tokens"),
 )
 NOISE_SHARE = 0.04              # of the total logit variance, unobservable
-TARGET_POS_RATE = 0.096
-TARGET_ORACLE_AUC = 0.83
 AFFINITY_RECENT_WEIGHT = 3.0    # an event of the last 5 days counts 3 times in seq_affinity
 _NOISE_W = math.sqrt(NOISE_SHARE / (1.0 - NOISE_SHARE))
 
@@ -90,7 +91,7 @@ def raw_effects(world: World, rows: Rows, hists: List[History]) -> Dict[str, np.
     base = (t["cat"][cat] + t["sub"][sub] + t["type"][itype] + t["segment"][ps.segment[person]]
             + t["gender"][ps.gender[person]] + age_curve)
 
-    hour, dow = local_hour_dow(rows.ts)
+    hour, dow = local_hour_dow(rows.ts, world.variant.tz_offset_s)
     abs_time = np.cos(2 * np.pi * (hour - 21) / 24.0) + 0.7 * (dow >= 5)
 
     counts = np.zeros((len(ACTIVITY_WINDOWS_S), n))
@@ -107,7 +108,7 @@ def raw_effects(world: World, rows: Rows, hists: List[History]) -> Dict[str, np.
     activity = np.log1p(counts).sum(axis=0) + np.log1p(total)
     seq_affinity = matched / (weighted + 1.0)
 
-    entity = cat if world.links.pair_entity == CATEGORY else itype
+    entity = cat if world.variant.links.pair_entity == CATEGORY else itype
     pair = ps.pair_w[person, entity].astype(np.float64)
 
     user_x_item = t["segment_x_group"][ps.segment[person], cat % CATEGORY_GROUPS]
@@ -137,10 +138,11 @@ def _expected_auc(p_by_score: np.ndarray) -> float:
 def calibrate(world: World) -> Calibration:
     """Fixes standardisation, scale and intercept on a batch of training-period rows."""
     rng = np.random.default_rng(np.random.SeedSequence([world.seed, 3]))
-    probe = draw_histories(world, rng, draw_rows(world, rng, 512, TRAIN_START, TRAIN_DAYS))
+    start = train_start(world.variant)
+    probe = draw_histories(world, rng, draw_rows(world, rng, 512, start, TRAIN_DAYS))
     events_per_row = sum(h.row.size for h in probe) / 512.0
     n = int(np.clip(8_000_000 / max(events_per_row, 1.0), 2000, 16000))
-    rows = draw_rows(world, rng, n, TRAIN_START, TRAIN_DAYS)
+    rows = draw_rows(world, rng, n, start, TRAIN_DAYS)
     hists = draw_histories(world, rng, rows)
     raw = raw_effects(world, rows, hists)
     mean = {k: float(v.mean()) for k, v in raw.items()}
@@ -149,7 +151,7 @@ def calibrate(world: World) -> Calibration:
     # reweight until every Cov(effect, sum) / Var(sum) equals its target share.
     z = np.stack([(raw[e.name] - mean[e.name]) / std[e.name] for e in EFFECTS], axis=1)
     corr = np.cov(z, rowvar=False)
-    target = np.array([e.share for e in EFFECTS])
+    target = np.array(world.variant.shares)
     w = np.sqrt(target)
     for _ in range(200):
         share = w * (corr @ w) / (w @ corr @ w)
@@ -164,7 +166,7 @@ def calibrate(world: World) -> Calibration:
         lo, hi = -20.0, 20.0
         for _ in range(60):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if sigmoid(mid + scale * eta).mean() < TARGET_POS_RATE \
+            lo, hi = (mid, hi) if sigmoid(mid + scale * eta).mean() < world.variant.pos_rate \
                 else (lo, mid)
         return (lo + hi) / 2
 
@@ -172,7 +174,7 @@ def calibrate(world: World) -> Calibration:
     for _ in range(40):
         mid = (lo + hi) / 2
         p = sigmoid(intercept_for(mid) + mid * eta[order])
-        lo, hi = (mid, hi) if _expected_auc(p) < TARGET_ORACLE_AUC else (lo, mid)
+        lo, hi = (mid, hi) if _expected_auc(p) < world.variant.oracle_auc else (lo, mid)
     scale = (lo + hi) / 2
     # List values per row (for the automatic row-group size): sequences, lists, embeddings.
     layout = world.layout

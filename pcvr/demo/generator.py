@@ -7,6 +7,8 @@ the best attainable one (the "oracle": ranking by the true probability). Its par
 order they run:
 
 * ``pcvr.demo.layout``  - the columns: the online schema (embedded) or ``--schema``, capped;
+* ``pcvr.demo.variants`` - where the planted signals sit (fids, time zone, scales, history
+  order): ``--variant``;
 * ``pcvr.demo.world``   - items, persons and history domains, fixed by ``--seed``;
 * ``pcvr.demo.rows``    - who sees which item, when, with which history;
 * ``pcvr.demo.effects`` - the planted effects (their table) and the calibration of the logit;
@@ -41,10 +43,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from pcvr.config import build_parser, flag, section_from_namespace
-from pcvr.demo.columns import EVENT_ORDERS, clear_split, write_split
+from pcvr.demo.columns import clear_split, write_split
 from pcvr.demo.effects import EFFECTS, calibrate
 from pcvr.demo.layout import load_layout
-from pcvr.demo.rows import EVAL_DAYS, TRAIN_DAYS, TRAIN_END, TRAIN_START
+from pcvr.demo.rows import EVAL_DAYS, TRAIN_DAYS, train_start
+from pcvr.demo.variants import DEFAULT_VARIANT, EVENT_ORDERS, VARIANTS
 from pcvr.demo.world import build_world
 
 EVAL_SUBDIR = "eval"
@@ -70,14 +73,19 @@ class DemoOptions:
                           "schema's real sizes)")
     seq_len_scale: float = flag(0.04, "history length scale; 1.0 = competition-like lengths "
                                 "(0.04: histories of ~12 to ~100 events, at most 160)")
-    event_order: str = flag("oldest_first", "storage order of the events inside each history "
-                            "list (oldest_first is the append order of an event log; the real "
-                            "order is undocumented)", choices=EVENT_ORDERS)
+    event_order: str = flag("variant", "storage order of the events inside each history list; "
+                            "'variant' = the variant's (default variant: oldest_first, the "
+                            "append order of an event log; the real order is undocumented)",
+                            choices=("variant",) + EVENT_ORDERS)
     files: int = flag(4, "parquet files per split")
     rows_per_group: int = flag(0, "rows per parquet row group (0 = auto: about 16 M list "
                                "values per group, between 256 and 4096 rows)")
     schema: Optional[str] = flag(None, "schema.json to follow (default: the online platform "
                                  "schema, embedded; any schema with the linked fids works)")
+    variant: str = flag(DEFAULT_VARIANT, "where the planted signals sit: their fids, time zone "
+                        "(fit --time_zone_offset_hours to it), scales and history order; "
+                        "'default' is the tuned-on data, the others check a choice on data it "
+                        "was not tuned on (pcvr/demo/variants.py)", choices=tuple(VARIANTS))
 
 
 _DEFAULT = DemoOptions()
@@ -89,48 +97,58 @@ def generate(out_dir: str, rows: int = _DEFAULT.rows, seed: int = _DEFAULT.seed,
              event_order: str = _DEFAULT.event_order, files: int = _DEFAULT.files,
              rows_per_group: int = _DEFAULT.rows_per_group,
              schema: Union[None, str, Mapping[str, Any]] = _DEFAULT.schema,
-             verbose: bool = True) -> Dict[str, Any]:
+             variant: str = _DEFAULT.variant, verbose: bool = True) -> Dict[str, Any]:
     """Writes the training split to ``out_dir`` (and the held-out one to ``out_dir/eval``).
 
     Args:
         out_dir: the output folder; a previous run's files there are replaced.
-        rows ... schema: the options of ``DemoOptions`` (``schema`` may also be a dict).
+        rows ... variant: the options of ``DemoOptions`` (``schema`` may also be a dict).
         verbose: print one line per split.
     Returns:
         A summary: per split rows, positive rate, oracle AUC, the effects' variance shares,
-        files, row groups and seconds; plus the options and the calibration.
+        files, row groups and seconds; plus the options (event order resolved), the variant
+        and the calibration.
     """
     if rows < 1 or eval_rows < 0 or files < 1 or rows_per_group < 0:
         raise ValueError("need rows >= 1, eval_rows >= 0, files >= 1, rows_per_group >= 0")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    var = VARIANTS[variant]
+    if event_order == "variant":
+        event_order = var.event_order
     if event_order not in EVENT_ORDERS:
-        raise ValueError(f"event_order must be one of {EVENT_ORDERS}, got {event_order!r}")
+        raise ValueError(f"event_order must be 'variant' or one of {EVENT_ORDERS}, got "
+                         f"{event_order!r}")
     t0 = time.perf_counter()
-    world = build_world(seed, load_layout(schema, vocab_cap), seq_len_scale)
+    world = build_world(seed, load_layout(schema, vocab_cap), seq_len_scale, var)
     calib = calibrate(world)
     if rows_per_group == 0:
         auto = LIST_VALUES_PER_GROUP / max(calib.list_values_per_row, 1.0)
         rows_per_group = int(np.clip(auto // 64 * 64, 256, 4096))
     common = dict(files=files, rows_per_group=rows_per_group, event_order=event_order)
-    splits = [write_split(world, calib, out_dir, "train", 0, rows, TRAIN_START, TRAIN_DAYS,
-                          TRAIN_USER_ID0, **common)]
+    splits = [write_split(world, calib, out_dir, "train", 0, rows, train_start(var),
+                          TRAIN_DAYS, TRAIN_USER_ID0, **common)]
     eval_dir = os.path.join(out_dir, EVAL_SUBDIR)
     if eval_rows > 0:
-        splits.append(write_split(world, calib, eval_dir, "eval", 1, eval_rows, TRAIN_END,
+        splits.append(write_split(world, calib, eval_dir, "eval", 1, eval_rows, var.train_end,
                                   EVAL_DAYS, EVAL_USER_ID0, **common))
     elif os.path.isdir(eval_dir):
         clear_split(eval_dir)
     summary = {
         "splits": {s["split"]: s for s in splits},
-        "effects": [{"name": e.name, "target": e.target, "target_share": e.share}
-                    for e in EFFECTS],
+        "effects": [{"name": e.name, "target": e.target, "target_share": share}
+                    for e, share in zip(EFFECTS, var.shares)],
         "options": dict(rows=rows, eval_rows=eval_rows, seed=seed, vocab_cap=vocab_cap,
                         seq_len_scale=seq_len_scale, event_order=event_order, files=files,
                         rows_per_group=rows_per_group,
-                        schema=schema if isinstance(schema, str) else None),
+                        schema=schema if isinstance(schema, str) else None, variant=variant),
+        "variant": var.describe(),
         "calibration": {"intercept": calib.intercept, "scale": calib.scale},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if verbose:
+        if variant != DEFAULT_VARIANT:
+            print(f"demo_data: {var.describe()}")
         for s in splits:
             print(f"demo_data: {s['split']}: rows={s['rows']} pos_rate={s['pos_rate']:.4f} "
                   f"oracle_auc={s['oracle_auc']:.4f} files={s['files']} "

@@ -1,9 +1,9 @@
 """Rows: who sees which target item, when, and with which history.
 
-Every row draws a request time (quiet nights, a lunch bump and an evening peak, local time
-UTC+8), a person (active persons visit more), an "intent" category from the person's taste, a
-target item (40 % from the intent category, else by popularity) and, per domain, a history
-whose length is exponential-like (means at scale 1.0: a/b ~300, c ~520 (p95 ~1,650), d ~2,400
+Every row draws a request time (quiet nights, a lunch bump and an evening peak, in the
+variant's local time: UTC+8 by default), a person (active persons visit more), an "intent"
+category from the person's taste, a target item (40 % from the intent category, else by
+popularity) and, per domain, a history whose length is exponential-like (means at scale 1.0: a/b ~300, c ~520 (p95 ~1,650), d ~2,400
 (p95 4,000), capped at 4,000 x scale; at the default 0.04 a/b ~12, c ~20, d ~100, capped at
 160). About a fifth of the events fall in the last five days and lean towards the intent
 category; older events keep the daily rhythm. Rows of one person draw their histories
@@ -18,16 +18,15 @@ from typing import List, Tuple
 import numpy as np
 
 from pcvr.demo.sampling import categorical, lengths_to_offsets
+from pcvr.demo.variants import Variant
 from pcvr.demo.world import N_ITEMS, TASTE_TABLE, World
 
-# Time: the training split covers 14 local days before TRAIN_END, the held-out split the 3
-# days after it (like the platform's later test set).
-TZ_OFFSET_S = 8 * 3600
+# Time: the training split covers 14 local days before the variant's ``train_end`` (local
+# midnight, a Thursday), the held-out split the 3 days after it (like the platform's later
+# test set).
 DAY_S = 86400
-TRAIN_END = 1772640000          # 2026-03-05 00:00 UTC+8, a Thursday
 TRAIN_DAYS = 14
 EVAL_DAYS = 3
-TRAIN_START = TRAIN_END - TRAIN_DAYS * DAY_S
 # Relative traffic per local hour: quiet nights, a lunch bump and an evening peak.
 TRAFFIC_BY_HOUR = np.array([
     2.0, 1.2, 0.7, 0.5, 0.4, 0.5, 1.0, 2.0, 3.0, 3.5, 3.8, 4.2,
@@ -62,6 +61,11 @@ class History:
     cat: np.ndarray
 
 
+def train_start(variant: Variant) -> int:
+    """Unix time at which the training split's first local day begins."""
+    return variant.train_end - TRAIN_DAYS * DAY_S
+
+
 def _local_hours(rng: np.random.Generator, n: int) -> np.ndarray:
     return categorical(rng, np.cumsum(TRAFFIC_BY_HOUR) / TRAFFIC_BY_HOUR.sum(), n)
 
@@ -85,6 +89,7 @@ def draw_rows(world: World, rng: np.random.Generator, n: int, start: int, days: 
 def draw_histories(world: World, rng: np.random.Generator, rows: Rows) -> List[History]:
     """Per domain: lengths, event times (a fifth in the last 5 days) and categories."""
     n = rows.ts.size
+    tz_s = world.variant.tz_offset_s
     recent_rate = rng.beta(0.8, 3.2, n)            # the row's recent burst, all domains
     out = []
     for dom in world.domains:
@@ -101,8 +106,8 @@ def draw_histories(world: World, rng: np.random.Generator, rows: Rows) -> List[H
         # Events older than a day move to a time of day drawn from the traffic profile (same
         # local day), so that event hours follow the daily rhythm too.
         old = np.flatnonzero(age > DAY_S)
-        local_day = (ts[old] + TZ_OFFSET_S) // DAY_S
-        ts[old] = (local_day * DAY_S - TZ_OFFSET_S + _local_hours(rng, old.size) * 3600
+        local_day = (ts[old] + tz_s) // DAY_S
+        ts[old] = (local_day * DAY_S - tz_s + _local_hours(rng, old.size) * 3600
                    + rng.integers(0, 3600, old.size))
         person = rows.person[row]
         taste_cat = world.persons.taste_table[person, rng.integers(0, TASTE_TABLE, row.size)]
@@ -112,7 +117,8 @@ def draw_histories(world: World, rng: np.random.Generator, rows: Rows) -> List[H
     return out
 
 
-def local_hour_dow(ts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Hour and day of week (Monday = 0) at UTC+8, as the pipeline derives them."""
-    t = ts + TZ_OFFSET_S
+def local_hour_dow(ts: np.ndarray, tz_offset_s: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Hour and day of week (Monday = 0) at UTC + ``tz_offset_s``, as the pipeline derives
+    them."""
+    t = ts + tz_offset_s
     return (t // 3600) % 24, (t // DAY_S + 3) % 7

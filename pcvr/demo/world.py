@@ -10,8 +10,9 @@ for item types (62), categories (63), generic entities (64), sub-categories (65)
 (66), each id paired with a lognormal engagement value (median ~150, tail to ~1e7) and sorted
 by it. A history domain's side columns are the event's category, an item id, attributes of
 that item, or per-event enums (action types): roles given by the declared vocabulary sizes.
-Rows of one person share its user features. Which column carries which latent attribute is
-``Links``: the generator's own knowledge, the fids the planted effects read.
+Rows of one person share its user features. The fids above are the default variant's: which
+column carries which latent attribute is the variant's ``Links`` (``pcvr.demo.variants``), the
+generator's own knowledge of the fids the planted effects read.
 
 Missing values: nulls and -1 codes in user scalars (101/102/103 about 90 % null), item
 83/84/85 about 88 % null, item 11 about 50 % null, a few null lists and embeddings. With a
@@ -21,12 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
 from pcvr.demo.layout import DemoLayout
 from pcvr.demo.sampling import IdMap, Ragged, categorical, power_index
+from pcvr.demo.variants import CATEGORY, GENERIC, LEAF, TYPE, Links, Variant
 from pcvr.schema import PAIRED, FeatureLayout, SeqDomainSpec
 
 N_PERSONS = 50000
@@ -43,8 +45,8 @@ N_GENERIC_ENTITIES = 50         # entities behind user fid 64
 N_TAGS_PER_CATEGORY = 800       # item fid 11
 LATENT_DIM = 4
 TASTE_TABLE = 64                # quantile table per person for fast category draws
-# Pair values: log(value) = mean + taste * z(score of the entity) + noise * N(0, 1).
-PAIR_LOG_MEAN, PAIR_LOG_TASTE, PAIR_LOG_NOISE = 5.0, 0.8, 3.5
+# Pair values: log(value) = variant's mean + taste * z(score of the entity) + noise * N(0, 1).
+PAIR_LOG_TASTE, PAIR_LOG_NOISE = 0.8, 3.5
 
 # Histories: per domain (raw mean length at scale 1.0, personal item slots per category,
 # share of events on the domain's popular items). Few slots and few popular events make the
@@ -63,52 +65,6 @@ SPARSE_ITEM_FIDS = (83, 84, 85)
 
 # Mean length of the engagement lists (user int fids 62-66) before the activity factor.
 ENGAGEMENT_MEAN_LEN = {62: 4.0, 63: 4.0, 64: 6.0, 65: 12.0, 66: 16.0}
-# What the ids of an engagement list stand for.
-TYPE = "type"
-CATEGORY = "category"
-GENERIC = "generic"
-SUB_CATEGORY = "sub_category"
-LEAF = "leaf"
-
-
-@dataclass(frozen=True)
-class Links:
-    """Which column carries which latent attribute (fids); everything else is generic.
-
-    Attributes:
-        segment, age, gender: user int scalars.
-        engagement: user int list fid -> what its ids stand for (``TYPE``, ``CATEGORY``, ...);
-            a list declared in user_dense too gets each id's engagement value there.
-        pair_fid: the engagement list whose value of the target's entity is the pair effect.
-        item_category, item_sub_category, item_leaf, item_author, item_type, item_key: item
-            int scalars (item_key: the item id itself).
-        taste_embedding: user dense fid projecting the taste vector (dense_dot effect).
-        profile_embedding: user dense fid projecting taste, segment and activity.
-    """
-    segment: int = 1
-    age: int = 48
-    gender: int = 49
-    engagement: Tuple[Tuple[int, str], ...] = (
-        (62, TYPE), (63, CATEGORY), (64, GENERIC), (65, SUB_CATEGORY), (66, LEAF))
-    pair_fid: int = 62
-    item_category: int = 5
-    item_sub_category: int = 6
-    item_leaf: Tuple[int, ...] = (7, 12)
-    item_author: int = 8
-    item_type: int = 13
-    item_key: int = 16
-    taste_embedding: int = 61
-    profile_embedding: int = 87
-
-    def list_of(self, entity: str) -> Optional[int]:
-        """The engagement-list fid whose ids stand for ``entity`` (None when none does)."""
-        return next((fid for fid, e in self.engagement if e == entity), None)
-
-    @property
-    def pair_entity(self) -> str:
-        return dict(self.engagement)[self.pair_fid]
-
-
 def check_links(layout: FeatureLayout, links: Links) -> None:
     """Raises ValueError naming the fids that the planted effects need and the schema lacks."""
     need = {"user_int": (links.segment, links.age, links.gender, links.pair_fid,
@@ -188,7 +144,7 @@ class Domain:
 @dataclass
 class World:
     layout: DemoLayout
-    links: Links
+    variant: Variant
     seed: int
     items: Items
     persons: Persons
@@ -200,7 +156,7 @@ class World:
         """The id that encodes each latent category / item type (array index) in every column
         that an effect links, e.g. ``category_item_int_5`` and ``category_domain_a_seq_42``."""
         cats, types = np.arange(N_CATEGORIES), np.arange(N_ITEM_TYPES)
-        lk = self.links
+        lk = self.variant.links
         out = {f"category_item_int_{lk.item_category}":
                self.maps[f"item_{lk.item_category}"](cats),
                f"category_user_int_{lk.list_of(CATEGORY)}":
@@ -241,12 +197,13 @@ def _generic_list(rng: np.random.Generator, n: int, vocab: int, dim: int, mean_l
 
 
 def _entity_lists(rng: np.random.Generator, scores: np.ndarray, mean_len: np.ndarray,
-                  dim: int, null: np.ndarray
+                  dim: int, null: np.ndarray, log_mean: float
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-person engagement lists: the top entities by ``scores`` [P, K] + Gumbel noise.
 
     Returns (list lengths [P], entity, engagement value, owning person) per element, each list
-    sorted by descending value; values are lognormal, higher for the person's taste.
+    sorted by descending value; values are lognormal (median about exp(``log_mean``)), higher
+    for the person's taste.
     """
     n, k = scores.shape
     lengths = np.where(null, 0, np.minimum(rng.poisson(mean_len), min(dim, k)))
@@ -256,7 +213,7 @@ def _entity_lists(rng: np.random.Generator, scores: np.ndarray, mean_len: np.nda
     entity = best[np.arange(top)[None, :] < lengths[:, None]]
     owner = np.repeat(np.arange(n), lengths)
     z = (scores - scores.mean()) / (scores.std() + 1e-9)
-    log_w = PAIR_LOG_MEAN + PAIR_LOG_TASTE * z[owner, entity] \
+    log_w = log_mean + PAIR_LOG_TASTE * z[owner, entity] \
         + PAIR_LOG_NOISE * rng.standard_normal(owner.size)
     values = np.exp(np.clip(log_w, 0.0, math.log(5e7))).astype(np.float32)
     by_value = np.lexsort((-values, owner))
@@ -339,9 +296,10 @@ def _entity_scores(rng: np.random.Generator, entity: str, taste: np.ndarray,
     return sub_taste + 0.7 * rng.standard_normal(sub_taste.shape, dtype=f32)
 
 
-def _build_persons(rng: np.random.Generator, layout: FeatureLayout, links: Links,
+def _build_persons(rng: np.random.Generator, layout: FeatureLayout, variant: Variant,
                    cat_z: np.ndarray, maps: Dict[str, IdMap]) -> Persons:
     n = N_PERSONS
+    links = variant.links
     segment = categorical(rng, np.cumsum([0.3, 0.25, 0.2, 0.15, 0.1]), n)
     age = np.clip(np.round(rng.normal(34.0, 11.0, n)), 16, 75).astype(np.int64)
     gender = rng.integers(0, 2, n)
@@ -367,7 +325,8 @@ def _build_persons(rng: np.random.Generator, layout: FeatureLayout, links: Links
         fid, vocab, dim = spec.fid, spec.vocab_size, spec.length
         if fid in entity_of:
             lengths, entity, values, owner = _entity_lists(
-                rng, scores[fid], ENGAGEMENT_MEAN_LEN[fid] * activity ** 0.7, dim, engaged_null)
+                rng, scores[fid], ENGAGEMENT_MEAN_LEN[fid] * activity ** 0.7, dim, engaged_null,
+                variant.pair_log_mean)
             if entity_of[fid] == LEAF:
                 entity = entity * LEAVES_PER_SUBCAT + rng.integers(0, LEAVES_PER_SUBCAT,
                                                                    entity.size)
@@ -408,17 +367,19 @@ def _build_persons(rng: np.random.Generator, layout: FeatureLayout, links: Links
 
     inputs = np.concatenate([latent, np.eye(N_SEGMENTS)[segment], np.log(activity)[:, None],
                              rng.standard_normal((n, EMBED_NOISE_DIM))], axis=1).astype(f32)
-    embeddings = _build_embeddings(rng, layout, links, lists, inputs)
+    embeddings = _build_embeddings(rng, layout, variant, lists, inputs)
     return Persons(segment, age, gender, taste_table, activity, visit_cum, latent,
                    pair_w, scalars, lists, inputs, embeddings)
 
 
-def _build_embeddings(rng: np.random.Generator, layout: FeatureLayout, links: Links,
+def _build_embeddings(rng: np.random.Generator, layout: FeatureLayout, variant: Variant,
                       lists: Mapping[int, Ragged], inputs: np.ndarray) -> Dict[int, Embedding]:
     """Fixed-width user dense fids, computed per row from a few person inputs: taste (4),
     segment (5), log activity (1) and a private noise vector (16). The taste embedding projects
     taste + noise, the profile embedding taste, segment, activity + noise; other fixed-width
-    fids of a custom schema, noise."""
+    fids of a custom schema, noise. Values and bounds scale with the variant's
+    ``embed_scale``."""
+    links, scale = variant.links, variant.embed_scale
     f32 = np.float32
     n_profile = inputs.shape[1] - EMBED_NOISE_DIM
     noise_rows = slice(n_profile, None)
@@ -439,21 +400,22 @@ def _build_embeddings(rng: np.random.Generator, layout: FeatureLayout, links: Li
         else:
             proj[noise_rows] = 0.025 * rng.standard_normal((EMBED_NOISE_DIM, dim))
             low, high = -1.0, 1.0
-        embeddings[fid] = Embedding(proj, low, high, _null_mask(rng, inputs.shape[0], 0.005))
+        embeddings[fid] = Embedding(scale * proj, scale * low, scale * high,
+                                    _null_mask(rng, inputs.shape[0], 0.005))
     return embeddings
 
 
 def _build_domain(rng: np.random.Generator, layout: DemoLayout, spec: SeqDomainSpec,
-                  seq_len_scale: float) -> Domain:
+                  seq_len_scale: float, category_rank: int) -> Domain:
     """Gives the columns their roles by declared vocabulary size (the widest is the item id,
-    the narrowest wider than the category count is the category, the small ones are per-event
-    enums) and draws the attributes of the domain's items."""
+    the ``category_rank``-th narrowest of those wider than the category count is the category,
+    the small ones are per-event enums) and draws the attributes of the domain's items."""
     mean_len, slots, popular_rate = SEQ_PROFILES.get(spec.name, SEQ_DEFAULT_PROFILE)
     side = [(s.fid, layout.declared[s.column], s.vocab_size) for s in spec.side]
     item_fid = max(side, key=lambda e: e[1])[0]
     rest = [e for e in side if e[0] != item_fid]
-    wide = [e for e in rest if e[1] > N_CATEGORIES]
-    cat_fid = (min(wide, key=lambda e: e[1]) if wide
+    wide = sorted((e for e in rest if e[1] > N_CATEGORIES), key=lambda e: e[1])
+    cat_fid = (wide[min(category_rank, len(wide) - 1)] if wide
                else max(rest or side, key=lambda e: e[1]))[0]
     universe = N_CATEGORIES * SEQ_ITEMS_PER_CATEGORY
     cat_map = IdMap.make(rng, next(v for f, _, v in side if f == cat_fid))
@@ -473,22 +435,23 @@ def _build_domain(rng: np.random.Generator, layout: DemoLayout, spec: SeqDomainS
                   slots, popular_rate, item_fid, cat_fid, cat_map, enums, attrs)
 
 
-def build_world(seed: int, layout: DemoLayout, seq_len_scale: float,
-                links: Links = Links()) -> World:
-    """The world of ``seed``: items, persons, domains and the tables of the base effects.
+def build_world(seed: int, layout: DemoLayout, seq_len_scale: float, variant: Variant) -> World:
+    """The world of ``seed`` and ``variant``: items, persons, domains and the tables of the base
+    effects.
 
     Raises:
         ValueError: a non-positive ``seq_len_scale``, or a schema without a linked fid.
     """
     if seq_len_scale <= 0:
         raise ValueError(f"seq_len_scale must be > 0, got {seq_len_scale}")
-    check_links(layout.features, links)
+    check_links(layout.features, variant.links)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
     cat_z = rng.standard_normal((N_CATEGORIES, LATENT_DIM))
     maps: Dict[str, IdMap] = {}
-    items = _build_items(rng, layout.features, links, cat_z, maps)
-    persons = _build_persons(rng, layout.features, links, cat_z, maps)
-    domains = [_build_domain(rng, layout, s, seq_len_scale) for s in layout.features.seq]
+    items = _build_items(rng, layout.features, variant.links, cat_z, maps)
+    persons = _build_persons(rng, layout.features, variant, cat_z, maps)
+    domains = [_build_domain(rng, layout, s, seq_len_scale, variant.links.seq_category_rank)
+               for s in layout.features.seq]
     tables = {
         "cat": rng.normal(0.0, 1.0, N_CATEGORIES),
         "sub": rng.normal(0.0, 0.5, N_CATEGORIES * SUBCATS_PER_CATEGORY),
@@ -498,4 +461,4 @@ def build_world(seed: int, layout: DemoLayout, seq_len_scale: float,
         # Segment x category-group table: few strong cells, learnable from a demo.
         "segment_x_group": rng.normal(0.0, 1.0, (N_SEGMENTS, CATEGORY_GROUPS)),
     }
-    return World(layout, links, seed, items, persons, domains, tables, maps)
+    return World(layout, variant, seed, items, persons, domains, tables, maps)

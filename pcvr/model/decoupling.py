@@ -149,11 +149,23 @@ class DecoupledOutput(NamedTuple):
     sample_weight: Optional[torch.Tensor]
 
 
+def first_occurrences(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the first row of each distinct row of ``x [B, D]``, in row order: ``[U]``."""
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)
+    pos = torch.arange(x.shape[0], device=x.device)
+    first = torch.full((int(inverse.max()) + 1,), x.shape[0], dtype=pos.dtype, device=x.device)
+    return first.scatter_reduce(0, inverse, pos, reduce="amin").sort().values
+
+
 class EntityDecoupler(nn.Module):
     """Atom and side encoders, each with its own projection MLP, plus the decoupling losses.
 
     The two MLPs are separate because sharing one projection hurt (tuning log, iteration 2).
-    Losses are computed in-batch on every call (training and evaluation alike). The
+    Losses are computed in-batch on every call (training and evaluation alike). With
+    ``unique_entities`` they are computed over the distinct entities of the batch (rows with
+    the same atom input count once), so that an entity's weight in the losses does not grow
+    with its exposure: in a logged batch popular entities repeat, and without it they
+    dominate the side representations and the stage-1 pull. The
     representations are shaped by the losses (sides spread uniformly, atoms around their
     side), so a model should score them through its own head (e.g. an MLP over
     ``concat(side, atom)``) rather than by a raw dot product: the log adds a separate ranking
@@ -164,13 +176,16 @@ class EntityDecoupler(nn.Module):
         side_in: width of the side input (e.g. concatenated category embeddings).
         out_dim: width of both representations.
         cfg: the decoupling hyper-parameters.
+        unique_entities: compute the losses over the batch's distinct entities (see above).
     """
 
-    def __init__(self, atom_in: int, side_in: int, out_dim: int, cfg: DecouplingConfig):
+    def __init__(self, atom_in: int, side_in: int, out_dim: int, cfg: DecouplingConfig,
+                 unique_entities: bool = False):
         super().__init__()
         self.atom_proj = projection_mlp(atom_in, out_dim)
         self.side_proj = projection_mlp(side_in, out_dim)
         self.cfg = cfg
+        self.unique_entities = unique_entities
 
     def forward(self, atom_x: torch.Tensor, side_x: torch.Tensor,
                 loss_rows: Optional[int] = None) -> DecoupledOutput:
@@ -183,6 +198,9 @@ class EntityDecoupler(nn.Module):
         atom = self.atom_proj(atom_x)
         side = self.side_proj(side_x)
         a, s = atom[:loss_rows], side[:loss_rows]
+        if self.unique_entities:
+            keep = first_occurrences(atom_x[:loss_rows].detach())
+            a, s = a[keep], s[keep]
         t, thr = c.decouple_temperature, c.decouple_fake_neg_threshold
         losses = {
             "side_ssl": c.decouple_side_weight * contrastive_uniformity_loss(s, t, thr),

@@ -101,16 +101,6 @@ def _token_count_hint(d_model: int, n_seq_tokens: int, num_domains: int, num_ns:
     return hint + "; or rank_mixer_mode 'ffn_only' / 'none'"
 
 
-def _pair_dense(layout: FeatureLayout) -> Dict[int, FeatureSpec]:
-    """Pair fid -> its user dense spec; every fid of ``PAIR_FIDS`` must be paired."""
-    pairs = {i.fid: dense for i, dense in layout.pairs}
-    missing = [fid for fid in PAIR_FIDS if fid not in pairs]
-    if missing:
-        raise KeyError(f"use_pair_62_66: fid(s) {missing} are not declared in both user_int "
-                       f"and user_dense of the schema (with the same dim)")
-    return pairs
-
-
 # ----------------------------------------------------------------------------- backbone block
 
 class HyFormerBlock(nn.Module):
