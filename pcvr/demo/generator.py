@@ -82,10 +82,13 @@ class DemoOptions:
                                "values per group, between 256 and 4096 rows)")
     schema: Optional[str] = flag(None, "schema.json to follow (default: the online platform "
                                  "schema, embedded; any schema with the linked fids works)")
-    variant: str = flag(DEFAULT_VARIANT, "where the planted signals sit: their fids, time zone "
-                        "(fit --time_zone_offset_hours to it), scales and history order; "
-                        "'default' is the tuned-on data, the others check a choice on data it "
-                        "was not tuned on (pcvr/demo/variants.py)", choices=tuple(VARIANTS))
+    variant: str = flag(DEFAULT_VARIANT, "where the planted signals sit: their fids, time zone, "
+                        "scales and history order (pcvr/demo/variants.py documents each); "
+                        "'default' is the data the project was tuned on, the others check a "
+                        "choice on data it was not tuned on. Time zones: " + ", ".join(
+                            f"{v.name} UTC{v.tz_hours:+d} (--time_zone_offset_hours "
+                            f"{v.tz_hours})" for v in VARIANTS.values()),
+                        choices=tuple(VARIANTS))
 
 
 _DEFAULT = DemoOptions()
