@@ -28,11 +28,13 @@ import numpy as np  # noqa: E402
 
 from pcvr import checkpoint  # noqa: E402
 from pcvr.atomic import atomic_write_json  # noqa: E402
-from pcvr.config import InferConfig, build_parser, env_values, section_from_namespace  # noqa: E402
+from pcvr.config import (InferConfig, RunConfig, build_parser, env_values,  # noqa: E402
+                         section_from_namespace)
 from pcvr.data.convert import DataStats  # noqa: E402
 from pcvr.data.files import default_schema_path  # noqa: E402
 from pcvr.data.loaders import get_eval_loader  # noqa: E402
 from pcvr.demo import oracle  # noqa: E402
+from pcvr.errors import run_cli  # noqa: E402
 from pcvr.evaluation import Predictions, predict, score  # noqa: E402
 from pcvr.runtime import create_logger, resolve_device  # noqa: E402
 
@@ -87,7 +89,7 @@ def print_scores(pred: Predictions, data_dir: str) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     """Platform entry point: called with no arguments, it reads the environment variables
     (never the host process's ``sys.argv``); locally, flags given win over them."""
-    parser = build_parser([InferConfig], description="Inference and local scoring.")
+    parser = build_parser([InferConfig, RunConfig], description="Inference and local scoring.")
     parser.set_defaults(**env_values([InferConfig]))
     ic = section_from_namespace(InferConfig, parser.parse_args([] if argv is None else argv))
     missing = [f"--{k} / {v}" for k, v in (("model_dir", "MODEL_OUTPUT_PATH"),
@@ -104,4 +106,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

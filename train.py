@@ -15,8 +15,9 @@ from typing import List, Optional
 from pcvr.atomic import remove_stale
 from pcvr.checkpoint import CheckpointWriter
 from pcvr.config import Config, parse_config, to_flat_dict
-from pcvr.data.files import default_schema_path
-from pcvr.data.loaders import get_pcvr_data
+from pcvr.data.files import default_schema_path, list_parquet_files
+from pcvr.errors import ConfigError, run_cli
+from pcvr.data.loaders import check_data, get_pcvr_data
 from pcvr.model.build import build_model, load_ns_groups
 from pcvr.runtime import count_params, create_logger, resolve_device, set_seed
 from pcvr.schema import load_layout
@@ -30,7 +31,8 @@ def resolve_paths(cfg: Config) -> None:
     """Fills the optional folders: a missing log or events path gets a default, never a crash."""
     tc = cfg.train
     if not tc.data_dir:
-        raise SystemExit("error: no training data: pass --data_dir or set TRAIN_DATA_PATH")
+        raise ConfigError("no training data: pass --data_dir or set TRAIN_DATA_PATH")
+    list_parquet_files(tc.data_dir)  # a wrong data path is named before the schema beside it
     tc.ckpt_dir = tc.ckpt_dir or os.path.join("outputs", "ckpt")
     tc.log_dir = tc.log_dir or os.path.join(os.path.dirname(os.path.abspath(tc.ckpt_dir)),
                                             "logs")
@@ -55,6 +57,10 @@ def main(argv: Optional[List[str]] = None) -> TrainResult:
     device = resolve_device(tc.device)
 
     layout, raw_schema = load_layout(tc.schema_path, cfg.data)
+    if tc.check_data != "off":
+        check_data(tc.data_dir, layout, tc.num_workers)
+        if tc.check_data == "only":
+            return TrainResult()
     ns_groups = load_ns_groups(cfg.model.ns_groups_json)
     train_loader, valid_loader, _ = get_pcvr_data(tc.data_dir, layout, cfg.data, tc)
     model = build_model(cfg, layout, ns_groups).to(device)
@@ -74,4 +80,4 @@ def main(argv: Optional[List[str]] = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

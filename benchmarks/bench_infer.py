@@ -63,8 +63,8 @@ def main() -> None:
 
     data_dir = ensure_online_data(rows=args.rows, seq_len_scale=args.seq_len_scale, seed=1)
     cfg = parse_config(["--preset", "seed", "--data_dir", data_dir, "--batch_size",
-                                       str(args.batch_size), "--num_workers",
-                                       str(args.num_workers)], environ={})
+                        str(args.batch_size), "--num_workers",
+                        str(args.num_workers)], environ={})
     set_seed(0)
     layout, raw_schema = load_layout(os.path.join(data_dir, "schema.json"), cfg.data)
     model = build_model(cfg, layout)

@@ -42,9 +42,9 @@ def main() -> None:
     data_dir = ensure_online_data(rows=max(512, args.batch_size * n_batches),
                                   seq_len_scale=args.seq_len_scale)
     cfg = parse_config(["--preset", "seed", "--data_dir", data_dir, "--batch_size",
-                                       str(args.batch_size), "--num_workers", "0",
-                                       "--valid_ratio", "0", "--buffer_batches", "0",
-                                       "--ckpt_dir", os.path.join(ROOT, "outputs", "bench")]
+                        str(args.batch_size), "--num_workers", "0",
+                        "--valid_ratio", "0", "--buffer_batches", "0",
+                        "--ckpt_dir", os.path.join(ROOT, "outputs", "bench")]
                        + args.extra.split(), environ={})
     set_seed(0)
     layout, _ = load_layout(os.path.join(data_dir, "schema.json"), cfg.data)

@@ -103,4 +103,3 @@ class Batch:
 # Fields of a Batch with one entry per row (everything but ``seq`` and ``data_stats``).
 ROW_FIELDS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Batch)
                                     if f.name not in ("seq", "data_stats"))
-

@@ -37,7 +37,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from pcvr.atomic import atomic_dir, atomic_write_json
-from pcvr.config import Config, ConfigError, from_flat_dict, to_flat_dict
+from pcvr.config import Config, from_flat_dict, to_flat_dict
+from pcvr.errors import CheckpointError, ConfigError
 from pcvr.model.build import build_model, load_ns_groups
 from pcvr.model.hyformer import PCVRHyFormer
 from pcvr.model.inputs import NSGroups
@@ -67,10 +68,6 @@ FORMAT1_RENAMES: Tuple[Tuple[str, str], ...] = tuple(
        ("seq_hour_emb.", "seq.hour_emb."), ("seq_dow_emb.", "seq.dow_emb.")]
     + [(p, "head." + p) for p in ("output_proj.", "head_cross.", "target_attention.",
                                   "classifier.")])
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that is missing, damaged or of another kind."""
 
 
 @dataclass

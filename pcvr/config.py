@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Type, TypeVar
 
+from pcvr.errors import ConfigError
+
 # The project folder (train.py, run.sh and the default ns_groups.json live there).
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,6 +223,10 @@ class TrainConfig:
                               "rows into validation)")
     valid_ratio: float = flag(0.1, "fraction of row groups (the tail) used for validation")
     eval_every_n_steps: int = flag(0, "also validate every N steps (0 = at epoch end only)")
+    check_data: str = flag("off", "decode every needed column of every row group up front "
+                           "(with the workers) and report all damaged ones in one table: "
+                           "'first' = then train if nothing is damaged, 'only' = then stop",
+                           choices=("off", "first", "only"))
     loss_type: str = flag("bce", "training loss", choices=("bce", "focal"))
     focal_alpha: float = flag(0.1, "focal loss alpha")
     focal_gamma: float = flag(2.0, "focal loss gamma")
@@ -256,6 +262,13 @@ class InferConfig:
                                      env="EVAL_RESULT_PATH")
     score: bool = flag(False, "read labels from the parquet and print the AUC (and, on demo "
                        "data, the oracle AUC and the effect capture)")
+
+
+@dataclass
+class RunConfig:
+    """How a command line reports the project's errors."""
+    debug: bool = flag(False, "show the traceback of data, schema, config and checkpoint "
+                       "errors too (env PCVR_DEBUG=1 does the same)")
 
 
 SECTIONS: Tuple[type, ...] = (DataConfig, ModelConfig, DecouplingConfig, TrainConfig)
@@ -329,7 +342,7 @@ def parse_config(argv: Optional[List[str]] = None,
                  environ: Optional[Mapping[str, str]] = None) -> Config:
     """Parses the CLI: a ``--preset``'s values first, then the flags given, then environment
     variables named by a field's ``env``, each overriding the one before."""
-    parser = build_parser(description="Train the PCVR HyFormer model.")
+    parser = build_parser(SECTIONS + (RunConfig,), description="Train the PCVR HyFormer model.")
     preset, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESETS.get(preset.preset, {}))
     ns = parser.parse_args(argv)
@@ -344,10 +357,6 @@ def to_flat_dict(cfg: Config) -> Dict[str, Any]:
     for cls in SECTIONS:
         out.update(dataclasses.asdict(getattr(cfg, _SECTION_ATTR[cls])))
     return out
-
-
-class ConfigError(ValueError):
-    """A train_config.json that cannot rebuild the model exactly."""
 
 
 def from_flat_dict(d: Mapping[str, Any], source: str = "train_config.json",
@@ -394,6 +403,6 @@ def parse_seq_max_lens(text: str) -> Dict[str, int]:
             continue
         name, sep, value = part.partition(":")
         if not sep or not name.strip() or not value.strip().isdigit() or int(value) <= 0:
-            raise ValueError(f"--seq_max_lens: bad entry {part!r}; expected 'domain:positive_int'")
+            raise ConfigError(f"--seq_max_lens: bad entry {part!r}; expected 'domain:positive_int'")
         out[name.strip()] = int(value)
     return out

@@ -6,7 +6,7 @@ import os
 import random
 import sys
 import time
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -30,21 +30,27 @@ class LogFormatter(logging.Formatter):
 
 
 def create_logger(path: Optional[str] = None) -> logging.Logger:
-    """Root logger to stderr (INFO) and, if ``path`` is given, to that file (DEBUG)."""
+    """Root logger to stderr (INFO) and, if ``path`` is given, to that file (DEBUG).
+
+    Replaces the handlers of an earlier call (a second run in one process logs to its own
+    file) and leaves everyone else's, e.g. a test harness's, in place.
+    """
     formatter = LogFormatter()
     logger = logging.getLogger()
-    logger.handlers = []
+    for old in [h for h in logger.handlers if getattr(h, "pcvr_owned", False)]:
+        logger.removeHandler(old)
+        old.close()
     logger.setLevel(logging.DEBUG)
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setLevel(logging.INFO)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fh = logging.FileHandler(path, mode="w")
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(formatter)
-        logger.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setLevel(logging.INFO)
-    sh.setFormatter(formatter)
-    logger.addHandler(sh)
+        handlers.append(logging.FileHandler(path, mode="w"))
+        handlers[1].setLevel(logging.DEBUG)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.pcvr_owned = True
+        logger.addHandler(handler)
     return logger
 
 

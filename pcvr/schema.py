@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pcvr.config import DataConfig, parse_seq_max_lens
+from pcvr.errors import SchemaError
 
 # Synthetic user activity dense fids (pipeline_spec §1.7): 900-903 = log1p(history length) of
 # seq_a..seq_d, then per domain log1p(event counts) over 1, 3 and 5 days.
@@ -52,10 +53,6 @@ TIME_BUCKET_BOUNDARIES: Tuple[int, ...] = (
 NUM_TIME_BUCKETS = len(TIME_BUCKET_BOUNDARIES) + 1
 
 DEFAULT_SEQ_LEN = 256
-
-
-class SchemaError(ValueError):
-    """A schema.json that is missing, malformed, or inconsistent with the data."""
 
 
 @dataclass(frozen=True)

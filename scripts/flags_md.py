@@ -2,6 +2,7 @@
 
     python3 scripts/flags_md.py > /tmp/flags.md
 """
+import argparse
 import dataclasses
 import os
 import sys
@@ -12,6 +13,7 @@ import pcvr.config as config  # noqa: E402
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     for cls in config.SECTIONS + (config.InferConfig,):
         print(f"#### {cls.__name__}: {(cls.__doc__ or '').strip()}\n")
         print("| flag | default | meaning |\n|---|---|---|")

@@ -7,7 +7,8 @@ import pytest
 
 import pcvr.config as config
 from pcvr.config import (ConfigError, DataConfig, DecouplingConfig, ModelConfig,
-                    TrainConfig, from_flat_dict, parse_config, parse_seq_max_lens, to_flat_dict)
+                         TrainConfig, from_flat_dict, parse_config, parse_seq_max_lens,
+                         to_flat_dict)
 
 REFERENCE_FLAGS = """data_dir schema_path ckpt_dir log_dir batch_size lr num_epochs patience seed
 device num_workers buffer_batches train_ratio valid_ratio eval_every_n_steps seq_max_lens

@@ -1,5 +1,5 @@
-"""The data pipeline (pcvr/data): the golden example, vectorised conversion against a per-row reference, bad
-input, splits, shuffling and workers."""
+"""The data pipeline (pcvr/data): the golden example, vectorised conversion against a per-row
+reference, bad input, splits, shuffling and workers."""
 import bisect
 import contextlib
 import math
@@ -757,7 +757,7 @@ def test_two_workers_read_every_row_once(tiny, shuffle):
     cfg = tiny_cfg()
     layout = layout_of(TINY_SCHEMA, TINY_SEQ_MAX_LENS)
     units, _ = files.scan_parquet(files.list_parquet_files(str(tiny)),
-                                    files.required_columns(layout, True))
+                                  files.required_columns(layout, True))
     ds = PCVRDataset(units, layout, cfg, 4, shuffle=shuffle, buffer_batches=3, seed=1)
     loader = make_loader(ds, num_workers=2, pin_memory=False)
     batches = list(loader)
@@ -793,7 +793,7 @@ def test_histories_are_trimmed_to_each_batch(tmp_path, shuffle):
     write_dataset(str(tmp_path), [varied_table(range(40))], TINY_SCHEMA, rows_per_group=10)
     layout = layout_of(TINY_SCHEMA, TINY_SEQ_MAX_LENS)
     units, _ = files.scan_parquet(files.list_parquet_files(str(tmp_path)),
-                                    files.required_columns(layout, True))
+                                  files.required_columns(layout, True))
     ds = PCVRDataset(units, layout, tiny_cfg(), 4, shuffle=shuffle, buffer_batches=2, seed=3)
     widths, seen = set(), []
     for b in map(flat, ds):

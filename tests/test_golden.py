@@ -39,7 +39,7 @@ def _recorded():
 
 
 def test_platform_train_then_infer_matches_the_recorded_predictions(data, tmp_path,
-                                                                     monkeypatch):
+                                                                    monkeypatch):
     monkeypatch.setenv("TRAIN_DATA_PATH", str(data))
     monkeypatch.setenv("TRAIN_CKPT_PATH", str(tmp_path / "ckpt"))
     monkeypatch.setenv("TRAIN_LOG_PATH", str(tmp_path / "logs"))

@@ -287,7 +287,8 @@ def test_padding_time_ids_contribute_zero():
     opt.step()
     for name, seq in zip(model.seq.tokenizers, model.seq(batch)):
         padded = 0
-        for x, n, ids in zip(seq.tokens, seq.lens, seq.buckets.split(batch.seq[name].ids, seq_dim=2)):
+        split = seq.buckets.split(batch.seq[name].ids, seq_dim=2)
+        for x, n, ids in zip(seq.tokens, seq.lens, split):
             plain = model.seq.tokenizers[name](ids)
             pad = ~valid_mask(n, x.shape[1])
             padded += int(pad.sum())

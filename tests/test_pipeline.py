@@ -38,7 +38,7 @@ def demo(tmp_path_factory):
 def trained(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     argv = SEED + TINY_MODEL + ["--data_dir", str(demo), "--ckpt_dir",
-                                         str(out / "ckpt"), "--num_epochs", "1"]
+                                str(out / "ckpt"), "--num_epochs", "1"]
     env_backup = {k: os.environ.pop(k, None) for k in
                   ("TRAIN_DATA_PATH", "TRAIN_CKPT_PATH", "TRAIN_LOG_PATH", "TRAIN_TF_EVENTS_PATH")}
     try:

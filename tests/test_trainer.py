@@ -70,7 +70,8 @@ def test_trainer_steps_both_optimisers_along_the_schedule():
     model = _Tiny()
     assert isinstance(model, RankingModel)  # what the trainer needs, and nothing more
     trainer = Trainer(model, cfg, _Loader(), None, torch.device("cpu"))
-    batch = SimpleNamespace(ids=torch.tensor([1, 2, 3, 4]), label=torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    batch = SimpleNamespace(ids=torch.tensor([1, 2, 3, 4]),
+                            label=torch.tensor([0.0, 1.0, 0.0, 1.0]))
     factor = lr_factor(cfg.train, 10)
     for step in range(12):
         assert trainer.dense_opt.param_groups[0]["lr"] == pytest.approx(0.01 * factor(step))

@@ -41,6 +41,7 @@ from pcvr.data import kernels
 from pcvr.data.events import (Ragged, activity_counts, first_values, flat_events, head_order,
                               order_counts, positions, ragged, recent_order, take)
 from pcvr.data.files import LABEL_COLUMN, POSITIVE_LABEL_TYPE, required_columns
+from pcvr.errors import ConfigError, SchemaError
 from pcvr.schema import (ACTIVITY, ACTIVITY_DOMAINS, ACTIVITY_FIDS, TIME_BUCKET_BOUNDARIES,
                          FeatureLayout, FeatureSpec, SeqDomainSpec)
 
@@ -124,12 +125,12 @@ class BatchConverter:
 
     def __init__(self, layout: FeatureLayout, data_cfg: DataConfig, read_labels: bool) -> None:
         if data_cfg.seq_keep not in ("recent", "first"):
-            raise ValueError(f"seq_keep must be 'recent' or 'first', got {data_cfg.seq_keep!r}")
+            raise ConfigError(f"seq_keep must be 'recent' or 'first', got {data_cfg.seq_keep!r}")
         specs = [*layout.user_int, *layout.item_int, *(s for d in layout.seq for s in d.side)]
         too_big = [s.column for s in specs if s.vocab_size > ID_MAX]
         if too_big:
-            raise ValueError(f"vocab_size above {ID_MAX} does not fit the int32 id tensors: "
-                             f"{too_big}")
+            raise SchemaError(f"vocab_size above {ID_MAX} does not fit the int32 id tensors: "
+                              f"{too_big}")
         self.layout = layout
         self.offset_s = int(round(float(data_cfg.time_zone_offset_hours) * 3600))
         self.missing_as_padding = bool(data_cfg.user_abs_time_missing_as_padding)

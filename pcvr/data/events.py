@@ -85,7 +85,7 @@ def positions(r: Ragged, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def take(values: np.ndarray, mask: np.ndarray, pos: np.ndarray, dtype: type,
-          out: Optional[np.ndarray] = None) -> np.ndarray:
+         out: Optional[np.ndarray] = None) -> np.ndarray:
     """``values[pos]`` where ``mask`` else 0, as ``dtype`` (integer values only), into ``out``
     when given."""
     if out is None:
@@ -284,7 +284,7 @@ def _sorted_window_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray,
 
 
 def activity_counts(key: np.ndarray, n: np.ndarray, ts_row: np.ndarray,
-                     counts: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+                    counts: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """``_window_counts``: by binary search for the rows stored in time order (either way,
     ``counts`` = ``order_counts(key, n)``), by a scan of the others' events."""
     n_rise, n_fall = counts

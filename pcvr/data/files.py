@@ -17,22 +17,20 @@ from __future__ import annotations
 import glob
 import math
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pcvr.errors import ConfigError, DataError
 from pcvr.schema import ACTIVITY, FeatureLayout
 
 ID_COLUMNS = ("user_id", "timestamp")
 LABEL_COLUMN = "label_type"
 POSITIVE_LABEL_TYPE = 2
 SCHEMA_FILE = "schema.json"
-
-
-class DataError(ValueError):
-    """Parquet data that cannot be read as the schema describes; names file/column/row group."""
 
 
 def default_schema_path(data_path: str) -> str:
@@ -140,7 +138,7 @@ def scan_parquet(files: Sequence[str], columns: Mapping[str, str],
                                 f"{schema.field(idx).type}, expected {expected}")
         meta = pf.metadata
         slices += [RowGroupSlice(path, rg, 0, meta.row_group(rg).num_rows)
-                  for rg in range(meta.num_row_groups) if meta.row_group(rg).num_rows > 0]
+                   for rg in range(meta.num_row_groups) if meta.row_group(rg).num_rows > 0]
     return slices, sorted(present)
 
 
@@ -153,9 +151,9 @@ def split_row_groups(slices: Sequence[RowGroupSlice], train_ratio: float, valid_
     the training row groups (of the training rows when there is one) and drops the rest.
     """
     if not 0.0 < train_ratio <= 1.0:
-        raise ValueError(f"train_ratio must be in (0, 1], got {train_ratio}")
+        raise ConfigError(f"train_ratio must be in (0, 1], got {train_ratio}")
     if not 0.0 <= valid_ratio < 1.0:
-        raise ValueError(f"valid_ratio must be in [0, 1), got {valid_ratio}")
+        raise ConfigError(f"valid_ratio must be in [0, 1), got {valid_ratio}")
     if not slices:
         raise DataError("the parquet files hold no rows")
     train, valid = list(slices), []
@@ -182,3 +180,102 @@ def _split_rows(rg: RowGroupSlice, n_tail: int
     cut = rg.stop - n_tail
     return [RowGroupSlice(rg.path, rg.row_group, rg.start, cut)], \
         [RowGroupSlice(rg.path, rg.row_group, cut, rg.stop)]
+
+
+# ----------------------------------------------------------------------------- labels
+@dataclass(frozen=True)
+class LabelCounts:
+    """Positives (``label_type == 2``) and negatives (any other value, null included)."""
+    positives: int
+    negatives: int
+
+    @property
+    def single_class(self) -> bool:
+        return self.positives == 0 or self.negatives == 0
+
+
+def label_counts(slices: Sequence[RowGroupSlice]) -> LabelCounts:
+    """Counts the labels of ``slices``, reading only their ``label_type`` column."""
+    pos = total = 0
+    files: Dict[str, pq.ParquetFile] = {}
+    for rg in slices:
+        pf = files.setdefault(rg.path, open_parquet(rg.path))
+        try:
+            column = pf.read_row_group(rg.row_group, columns=[LABEL_COLUMN]).column(0)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{rg.path}: row group {rg.row_group}: cannot decode column "
+                            f"'{LABEL_COLUMN}' ({exc})") from exc
+        labels = column.slice(rg.start, rg.num_rows).to_numpy(zero_copy_only=False)
+        pos += int((labels == POSITIVE_LABEL_TYPE).sum())
+        total += rg.num_rows
+    return LabelCounts(pos, total - pos)
+
+
+# ----------------------------------------------------------------------------- damage
+@dataclass(frozen=True)
+class Damage:
+    """A column of a row group that does not decode."""
+    path: str
+    row_group: int
+    column: str
+    error: str
+
+
+def damaged_columns(pf: pq.ParquetFile, path: str, row_group: int, columns: Sequence[str]
+                    ) -> List[Damage]:
+    """The columns of one row group that fail to decode (each read on its own)."""
+    out = []
+    for col in columns:
+        try:
+            pf.read_row_group(row_group, columns=[col])
+        except (OSError, pa.ArrowException) as exc:
+            out.append(Damage(path, row_group, col, str(exc).splitlines()[0]))
+    return out
+
+
+def _check_file_row_groups(task: Tuple[str, List[int], List[str]]) -> List[Damage]:
+    """Decodes the row groups ``task[1]`` of file ``task[0]``: whole first, column by column
+    only when that fails (the usual case is clean, so one read per row group)."""
+    path, row_groups, columns = task
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        return [Damage(path, -1, "(footer)", str(exc).splitlines()[0])]
+    out: List[Damage] = []
+    for rg in row_groups:
+        try:
+            pf.read_row_group(rg, columns=columns)
+        except (OSError, pa.ArrowException):
+            out += damaged_columns(pf, path, rg, columns)
+    return out
+
+
+def check_row_groups(slices: Sequence[RowGroupSlice], columns: Sequence[str],
+                     workers: int) -> List[Damage]:
+    """Decodes every column of every row group of ``slices`` and returns all the damage.
+
+    The files' row groups are spread over ``workers`` processes (0: this process).
+    """
+    by_file: Dict[str, List[int]] = {}
+    for rg in slices:
+        groups = by_file.setdefault(rg.path, [])
+        if rg.row_group not in groups:
+            groups.append(rg.row_group)
+    n = max(1, workers)
+    # Round-robin chunks, so that a worker's share mixes files and row groups evenly.
+    tasks = [(path, groups[k::n], list(columns)) for path, groups in by_file.items()
+             for k in range(min(n, len(groups)))]
+    if workers <= 0:
+        results = map(_check_file_row_groups, tasks)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_check_file_row_groups, tasks))
+    return sorted((d for part in results for d in part),
+                  key=lambda d: (d.path, d.row_group, d.column))
+
+
+def damage_table(damage: Sequence[Damage]) -> str:
+    """The damage as a plain-text table, one line per damaged column."""
+    lines = ["file | row group | column | error"]
+    lines += [f"{d.path} | {d.row_group} | {d.column} | {d.error}" for d in damage]
+    return "\n".join(lines)

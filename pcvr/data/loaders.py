@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from pcvr.config import DataConfig, TrainConfig
-from pcvr.data.files import (LABEL_COLUMN, DataError, list_parquet_files,
-                             required_columns, scan_parquet, split_row_groups)
+from pcvr.data.files import (LABEL_COLUMN, DataError, LabelCounts, check_row_groups,
+                             damage_table, label_counts, list_parquet_files, required_columns,
+                             scan_parquet, split_row_groups)
 from pcvr.data.stream import PCVRDataset
 from pcvr.schema import FeatureLayout
 
@@ -75,6 +76,7 @@ def get_pcvr_data(data_dir: str, layout: FeatureLayout, data_cfg: DataConfig, tc
     train_ds = PCVRDataset(train, layout, data_cfg, tc.batch_size, shuffle=True,
                            buffer_batches=tc.buffer_batches, seed=tc.seed)
     valid_ds = PCVRDataset(valid, layout, data_cfg, tc.batch_size) if valid else None
+    _check_labels(label_counts(train), label_counts(valid) if valid else None)
     info = {
         "files": files,
         "row_groups": len(row_groups),
@@ -92,6 +94,42 @@ def get_pcvr_data(data_dir: str, layout: FeatureLayout, data_cfg: DataConfig, tc
     return (make_loader(train_ds, tc.num_workers, pin_memory),
             make_loader(valid_ds, tc.num_workers, pin_memory) if valid_ds is not None else None,
             info)
+
+
+def check_data(data_dir: str, layout: FeatureLayout, workers: int) -> int:
+    """Decodes every needed column of every row group of ``data_dir`` with ``workers``
+    processes; returns the number of row groups checked.
+
+    Raises:
+        DataError: listing every damaged row group and column in one table.
+    """
+    files = list_parquet_files(data_dir)
+    columns = required_columns(layout, read_labels=True)
+    row_groups, _ = scan_parquet(files, columns)
+    damage = check_row_groups(row_groups, list(columns), workers)
+    if damage:
+        bad = len({(d.path, d.row_group) for d in damage})
+        raise DataError(f"{data_dir}: {bad} of {len(row_groups)} row groups do not decode:\n"
+                        + damage_table(damage))
+    log.info("check_data: all %d row groups of %d file(s) decode", len(row_groups), len(files))
+    return len(row_groups)
+
+
+def _check_labels(train: LabelCounts, valid: Optional[LabelCounts]) -> None:
+    """Logs the label counts of both splits; a single-class training split is an error, a
+    single-class validation split a warning (its AUC is undefined)."""
+    log.info("labels: train %d positive / %d negative, valid %s", train.positives,
+             train.negatives, f"{valid.positives} positive / {valid.negatives} negative"
+             if valid is not None else "none")
+    if train.single_class:
+        kind = "negative" if not train.positives else "positive"
+        raise DataError(f"the training split has only {kind} labels ({train.positives} "
+                        f"positive, {train.negatives} negative): a ranking model cannot learn "
+                        f"from it (label = label_type == 2)")
+    if valid is not None and valid.single_class:
+        log.warning("the validation split has a single class (%d positive, %d negative): its "
+                    "AUC is undefined, so no checkpoint can be chosen by it and the last one "
+                    "will be recorded as the best", valid.positives, valid.negatives)
 
 
 def get_eval_loader(data_path: str, layout: FeatureLayout, data_cfg: DataConfig,

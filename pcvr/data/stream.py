@@ -29,7 +29,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pcvr.batch import HISTORY_FIELDS, ROW_FIELDS, Array, Batch
 from pcvr.config import DataConfig
 from pcvr.data.convert import BatchConverter
-from pcvr.data.files import DataError, RowGroupSlice, open_parquet
+from pcvr.data.files import RowGroupSlice, damaged_columns, open_parquet
+from pcvr.errors import ConfigError, DataError
 from pcvr.schema import FeatureLayout
 
 # Rows converted at a time: per-call overheads (~120 columns) make smaller chunks slower per row.
@@ -72,7 +73,7 @@ class PCVRDataset(IterableDataset):
                  buffer_batches: int = 0, seed: int = 0, read_labels: bool = True) -> None:
         super().__init__()
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         self.row_groups = list(row_groups)
         self.layout = layout
         self.converter = BatchConverter(layout, data_cfg, read_labels)
@@ -181,18 +182,10 @@ class PCVRDataset(IterableDataset):
                     if row >= rg.stop:
                         break
             except (OSError, pa.ArrowException) as exc:
+                bad = damaged_columns(pf, rg.path, rg.row_group, columns)
+                where = f"column '{bad[0].column}' " if bad else ""
                 raise DataError(f"{rg.path}: row group {rg.row_group}: cannot decode "
-                                f"{_bad_column(pf, rg.row_group, columns)}({exc})") from exc
-
-
-def _bad_column(pf: pq.ParquetFile, row_group: int, columns: Sequence[str]) -> str:
-    """'column X ' for the first column of a row group that fails to decode, else ''."""
-    for col in columns:
-        try:
-            pf.read_row_group(row_group, columns=[col])
-        except (OSError, pa.ArrowException):
-            return f"column '{col}' "
-    return ""
+                                f"{where}({exc})") from exc
 
 
 def _trim(batch: Batch, take: Callable[[Array, Tuple[Any, ...]], Array]) -> Batch:

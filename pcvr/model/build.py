@@ -12,6 +12,7 @@ import os
 from typing import Any, Dict, Optional
 
 from pcvr.config import Config
+from pcvr.errors import ConfigError
 from pcvr.model.hyformer import PCVRHyFormer
 from pcvr.model.inputs import NSGroups
 from pcvr.schema import FeatureLayout
@@ -23,7 +24,7 @@ def load_ns_groups(path: str) -> Dict[str, Any]:
     """Reads an ns_groups.json; ``''`` or a missing file -> ``{}`` (one group per feature).
 
     Raises:
-        ValueError: the file is not valid JSON (naming the file).
+        ConfigError: the file is not valid JSON (naming the file).
     """
     if not path:
         return {}
@@ -34,7 +35,7 @@ def load_ns_groups(path: str) -> Dict[str, Any]:
         try:
             return json.load(fh)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
 
 
 def build_model(cfg: Config, layout: FeatureLayout,
@@ -52,5 +53,11 @@ def build_model(cfg: Config, layout: FeatureLayout,
     """
     if ns_groups is None:
         ns_groups = load_ns_groups(cfg.model.ns_groups_json)
-    return PCVRHyFormer(layout, cfg.model, cfg.decoupling, ns_groups,
-                        user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding)
+    try:
+        return PCVRHyFormer(layout, cfg.model, cfg.decoupling, ns_groups,
+                            user_time_missing_as_padding=cfg.data.user_abs_time_missing_as_padding)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError) as exc:  # flags that do not fit each other or the schema
+        raise ConfigError(f"the model cannot be built: {exc.args[0] if exc.args else exc}") \
+            from exc

@@ -188,6 +188,7 @@ class HyFormerBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- head
 
+
 class Head(nn.Module):
     """Queries -> logits (model_spec §7, §9.9, §9.10).
 

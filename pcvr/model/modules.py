@@ -721,4 +721,3 @@ class HeadCrossNet(nn.Module):
         for i, layer in enumerate(self.layers):
             h = h + self.scale[i] * x0 * layer(h)
         return h
-

@@ -8,8 +8,8 @@
 
 Every feature table is ``nn.Embedding(vocab_size + 1, E, padding_idx=0)``: ids
 ``1 .. vocab_size - 1`` are real, ``vocab_size`` is the out-of-vocabulary id, and 0 (padding or
-missing) stays a zero row without gradient. A feature gets no table (an all-zero vector) when its vocabulary
-is empty or larger than ``emb_skip_threshold``. Tables of more than ``DENSE_GRAD_MAX_ROWS``
+missing) stays a zero row without gradient. A feature gets no table (an all-zero vector) when its
+vocabulary is empty or larger than ``emb_skip_threshold``. Tables of more than ``DENSE_GRAD_MAX_ROWS``
 rows have sparse gradients, so the trainer's Adagrad touches only the rows a batch used;
 smaller ones have dense gradients: a batch of ``64 x 512`` events touches most of a small
 table anyway, and a dense gradient of a small table is far cheaper to build and to apply than
@@ -143,7 +143,7 @@ class NSFeatureEmbedding(nn.Module):
         raise KeyError(f"fid {fid} is not in this tokenizer's features {self.fids}")
 
     def pair_weights(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Per-position bag weights ``[B, n]`` of one pair fid (ids ``[B, n]``, values ``[B, n]``)."""
+        """Per-position bag weights ``[B, n]`` of one pair fid (ids, values ``[B, n]``)."""
         valid = (ids != 0).to(values.dtype)
         w = torch.sqrt(torch.log1p(values.clamp_min(0.0))) * valid
         total = w.sum(dim=1, keepdim=True)
@@ -400,4 +400,3 @@ class SequenceTokenizer(nn.Module):
             e = self.tables[key](ids[:, index]).to(dtype)
             parts.append(self.id_dropout(e) if is_id else e)
         return F.gelu(self.norm(self.proj(torch.cat(parts, dim=-1))))
-

@@ -7,6 +7,8 @@ from typing import Any, Dict
 import torch
 import torch.nn as nn
 
+from pcvr.errors import ConfigError
+
 
 class ModelEMA:
     """Exponential moving average of a model's parameters.
@@ -32,7 +34,7 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+            raise ConfigError(f"ema_decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)

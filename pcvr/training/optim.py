@@ -9,6 +9,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from pcvr.config import TrainConfig
+from pcvr.errors import ConfigError
 from pcvr.model.outputs import RankingModel
 
 
@@ -21,9 +22,9 @@ def lr_factor(tc: TrainConfig, epoch_steps: Optional[int]) -> Callable[[int], fl
     steps stay at the floor of the decay).
     """
     if tc.lr_warmup_steps < 0:
-        raise ValueError(f"--lr_warmup_steps must be >= 0, got {tc.lr_warmup_steps}")
+        raise ConfigError(f"--lr_warmup_steps must be >= 0, got {tc.lr_warmup_steps}")
     if tc.lr_schedule == "cosine" and epoch_steps is None:
-        raise ValueError("--lr_schedule cosine needs a training loader that knows its rows")
+        raise ConfigError("--lr_schedule cosine needs a training loader that knows its rows")
     total = tc.num_epochs * (epoch_steps or 1)
     warmup = tc.lr_warmup_steps
 
@@ -48,8 +49,8 @@ def build_optimizers(model: RankingModel, tc: TrainConfig, epoch_steps: Optional
     if tc.sparse_weight_decay != 0.0:
         # torch's Adagrad rejects weight decay on sparse gradients; decaying only the rows a
         # batch touched would be a different regulariser, so refuse instead of guessing.
-        raise ValueError("--sparse_weight_decay must be 0: embedding tables use sparse "
-                         "gradients, for which Adagrad has no weight decay")
+        raise ConfigError("--sparse_weight_decay must be 0: embedding tables use sparse "
+                          "gradients, for which Adagrad has no weight decay")
     dense = torch.optim.AdamW(model.dense_parameters(), lr=tc.lr,
                               betas=(tc.adam_beta1, tc.adam_beta2),
                               weight_decay=tc.weight_decay)

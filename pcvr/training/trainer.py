@@ -20,6 +20,7 @@ from pcvr.batch import Batch
 from pcvr.checkpoint import CheckpointMeta, CheckpointWriter
 from pcvr.config import Config
 from pcvr.data.convert import DataStats
+from pcvr.errors import DataError
 from pcvr.evaluation import predict, score
 from pcvr.model.outputs import RankingModel
 from pcvr.training.ema import ModelEMA
@@ -112,6 +113,7 @@ class Trainer:
         self.stopping = EarlyStopping(self.tc.patience)
         self.result = TrainResult()
         self._last_saved: Optional[Tuple[int, str]] = None  # (step, folder)
+        self._valid_repairs_logged = False
         # (step, metrics, EMA chosen) of the last validation
         self._last_validated: Optional[Tuple[int, Dict[str, float], bool]] = None
 
@@ -150,7 +152,15 @@ class Trainer:
             (metrics of the better of the two, whether that is the EMA); ``auc_ema`` is
             added when the EMA is on.
         """
-        metrics = score(predict(self.model, self.valid_loader, self.device, desc="valid"))
+        stat_names = getattr(self.valid_loader, "stat_names", None)
+        stats = None if stat_names is None or self._valid_repairs_logged else \
+            DataStats(stat_names)
+        metrics = score(predict(self.model, self.valid_loader, self.device, desc="valid",
+                                stats=stats))
+        if stats is not None:  # the validation rows are the same every pass: logged once
+            for line in stats.summary_lines():
+                log.info("validation data repairs: %s", line)
+            self._valid_repairs_logged = True
         use_ema = False
         if self.ema is not None:
             ema_metrics = score(predict(self.ema.module, self.valid_loader, self.device,
@@ -254,8 +264,8 @@ class Trainer:
                 if stop:
                     break
         if n_batches == 0:
-            raise RuntimeError("the training loader yielded no batch: check --data_dir, "
-                               "--train_ratio and --valid_ratio")
+            raise DataError("the training loader yielded no batch: check --data_dir, "
+                            "--train_ratio and --valid_ratio")
         means = {k: float(v) / n_batches for k, v in sums.items()}
         log.info("epoch %d: %d batches, mean %s", epoch, n_batches, fmt_metrics(means))
         if stats is not None:
