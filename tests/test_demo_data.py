@@ -366,19 +366,33 @@ def test_planted_effects_are_visible_in_the_parquet(data):
 
 # ------------------------------------------------------------------------------- options
 
-def test_custom_schema_and_uncapped_vocab(tmp_path):
+def test_custom_schema_uncapped_vocab_and_the_command_line(tmp_path, capsys):
     schema = layout.load_layout(None, vocab_cap=0).schema_json()
     schema["user_int"] = [[f, v, 4 if f == 63 else d] for f, v, d in schema["user_int"]]
     schema["user_dense"] = [[f, 4 if f == 63 else d] for f, d in schema["user_dense"]]
     path = tmp_path / "schema_in.json"
     path.write_text(json.dumps(schema))
     out = str(tmp_path / "out")
-    generator.generate(out, 300, 2, eval_rows=0, vocab_cap=0, schema=str(path), **SMALL)
+    summary = generator.main(["--out", out, "--rows", "300", "--eval_rows", "100",
+                              "--seq_len_scale", "0.02", "--files", "1", "--seed", "2",
+                              "--vocab_cap", "0", "--schema", str(path),
+                              "--event_order", "newest_first"])
+    assert summary["splits"]["eval"]["rows"] == 100
+    assert summary["options"]["event_order"] == "newest_first"
+    assert (_order_steps(out) <= 0).all()
+    assert len(glob.glob(os.path.join(out, "eval", "*.parquet"))) == 1
     with open(os.path.join(out, "schema.json")) as fh:
         assert json.load(fh) == schema
     table = _table(out)
     assert _lengths(table["user_int_feats_63"]).max() <= 4
     assert pc.max(pc.list_flatten(table["domain_c_seq_47"])).as_py() > DEFAULTS.vocab_cap
+
+    with pytest.raises(SystemExit) as exit_help:
+        generator.main(["--help"])
+    assert exit_help.value.code == 0 and "--exposure_bias" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_no_out:
+        generator.main(["--rows", "10"])
+    assert exit_no_out.value.code == 2 and "--out" in capsys.readouterr().err
     del schema["user_int"][0]                                      # drops fid 1
     with pytest.raises(ValueError, match="user_int 1"):
         world.check_links(layout.load_layout(schema, 0).features, variants.Links())
@@ -406,23 +420,6 @@ def _order_steps(out: str) -> np.ndarray:
     """Time steps between consecutive events of one history (domain d)."""
     row, ts = _ragged(_table(out)["domain_d_seq_26"])
     return np.diff(ts)[row[1:] == row[:-1]]
-
-
-def test_cli(tmp_path, capsys):
-    summary = generator.main(["--out", str(tmp_path), "--rows", "200", "--eval_rows", "100",
-                              "--seq_len_scale", "0.02", "--files", "1", "--seed", "9",
-                              "--event_order", "newest_first"])
-    assert summary["splits"]["eval"]["rows"] == 100
-    assert summary["options"]["vocab_cap"] == DEFAULTS.vocab_cap
-    assert summary["options"]["event_order"] == "newest_first"
-    assert (_order_steps(str(tmp_path)) <= 0).all()
-    assert len(glob.glob(os.path.join(str(tmp_path), "eval", "*.parquet"))) == 1
-    with pytest.raises(SystemExit) as exit_help:
-        generator.main(["--help"])
-    assert exit_help.value.code == 0 and "--event_order" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_no_out:
-        generator.main(["--rows", "10"])
-    assert exit_no_out.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- variants
@@ -479,3 +476,52 @@ def test_variant_moves_the_signals_and_keeps_the_layout(variant_data, data):
         assert (step <= 0).all()
     else:
         assert (step > 0).any() and (step < 0).any()
+
+
+# ------------------------------------------------------------------------------- exposure bias
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory) -> Tuple[str, Dict]:
+    """The ``data`` fixture's options with popular items over-shown in training."""
+    out = str(tmp_path_factory.mktemp("biased"))
+    return out, generator.generate(out, 8000, 7, eval_rows=2000, exposure_bias=0.5, **SMALL)
+
+
+def _truth(out: str) -> Dict[str, np.ndarray]:
+    with np.load(os.path.join(out, oracle.TRUTH_FILE)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_exposure_bias_over_shows_popular_items_without_changing_p(data, biased):
+    splits = biased[1]["splits"]
+    assert splits["train"]["exposure"] == "popularity bias 0.5"
+    assert splits["train"]["popular_share"] > data[1]["splits"]["train"]["popular_share"] + 0.2
+    assert splits["eval"]["exposure"] == "uniform" and splits["eval"]["popular_share"] < 0.03
+
+    # The same requests; only the shown items differ, and a row that shows the same item as
+    # in the unbiased run has the same true probability.
+    natural, logged = _table(data[0]), _table(biased[0])
+    for name in ("user_id", "timestamp"):
+        assert natural[name].equals(logged[name]), name
+    same = natural["item_id"].to_numpy() == logged["item_id"].to_numpy()
+    assert 0.1 < same.mean() < 0.9
+    truth_n, truth_b = _truth(data[0]), _truth(biased[0])
+    np.testing.assert_array_equal(truth_n["p_true"][same], truth_b["p_true"][same])
+    assert "propensity" not in truth_n                      # the default format is unchanged
+
+    # Propensities: inverse-propensity weights give the popular items their uniform share.
+    ranked = (np.arange(world.N_ITEMS) + 10.0) ** -1.1
+    threshold = (ranked / ranked.sum())[world.N_ITEMS // 100 - 1]
+    popular = truth_b["item_popularity"] >= threshold * (1 - 1e-9)
+    assert 0 < truth_b["propensity"].min() and truth_b["propensity"].max() <= 1
+    weights = 1.0 / (world.N_ITEMS * truth_b["propensity"])
+    assert np.mean(weights * popular) == pytest.approx(0.01, abs=0.003)
+
+    # The unbiased held-out split: uniform propensities, and popularity does not predict p.
+    held = _truth(os.path.join(biased[0], "eval"))
+    np.testing.assert_allclose(held["propensity"], 1.0 / world.N_ITEMS)
+    rank = [np.argsort(np.argsort(held[k])) for k in ("item_popularity", "p_true")]
+    assert abs(np.corrcoef(*rank)[0, 1]) < 0.1
+    capture = oracle.effect_capture(os.path.join(biased[0], "eval"), held["user_id"],
+                                    held["logit_base"])
+    assert capture["base"] == pytest.approx(1.0, abs=1e-6)

@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 from pcvr.demo.effects import (Calibration, explainable_logit, logit_parts, raw_effects,
                                variance_shares)
 from pcvr.demo.oracle import TRUTH_FILE
-from pcvr.demo.rows import History, Rows, draw_histories, draw_rows
+from pcvr.demo.rows import NATURAL, Exposure, History, Rows, draw_histories, draw_rows
 from pcvr.demo.sampling import categorical, lengths_to_offsets, power_index, sigmoid
-from pcvr.demo.world import N_CATEGORIES, SEQ_ITEMS_PER_CATEGORY, World
+from pcvr.demo.world import N_CATEGORIES, N_ITEMS, SEQ_ITEMS_PER_CATEGORY, World
 from pcvr.metrics import roc_auc
 
 SCHEMA_FILE = "schema.json"
@@ -148,7 +148,8 @@ def _seq_columns(world: World, rng: np.random.Generator, hists: List[History], n
 
 def _chunk(world: World, calib: Calibration, rows: Rows, rng: np.random.Generator,
            user_id0: int, event_order: str) -> Tuple[pa.Table, Dict[str, np.ndarray]]:
-    """One row group: its table and its truth (user_id, p_true, label, logit parts)."""
+    """One row group: its table and its truth (user_id, p_true, label, logit parts; with a
+    non-natural exposure also each row's propensity and its item's popularity)."""
     n = rows.ts.size
     hists = draw_histories(world, rng, rows)
     parts = logit_parts(calib, raw_effects(world, rows, hists), rng.standard_normal(n))
@@ -170,6 +171,9 @@ def _chunk(world: World, calib: Calibration, rows: Rows, rng: np.random.Generato
     table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
     truth = {"user_id": user_id, "p_true": p_true, "label": label.astype(np.int8)}
     truth.update({f"logit_{k}": v.astype(np.float32) for k, v in parts.items()})
+    if rows.propensity is not None:
+        truth["propensity"] = rows.propensity
+        truth["item_popularity"] = world.items.pop[rows.item]
     return table, truth
 
 
@@ -185,7 +189,8 @@ def clear_split(out_dir: str) -> None:
 
 def write_split(world: World, calib: Calibration, out_dir: str, split: str, split_id: int,
                 rows: int, start: int, days: int, user_id0: int, files: int,
-                rows_per_group: int, event_order: str) -> Dict[str, Any]:
+                rows_per_group: int, event_order: str,
+                exposure: Exposure = NATURAL) -> Dict[str, Any]:
     """Writes one split (schema, parquet files, truth sidecar) and returns its summary.
 
     Args:
@@ -193,15 +198,17 @@ def write_split(world: World, calib: Calibration, out_dir: str, split: str, spli
         rows, start, days: ``rows`` requests in ``days`` local days from Unix time ``start``.
         user_id0: the first row's user_id.
         files, rows_per_group, event_order: as the command-line options.
+        exposure: which target items the split shows.
     Returns:
-        rows, files, row groups, positive rate, oracle AUC, AUC of the explainable logit,
-        the effects' variance shares and seconds.
+        rows, files, row groups, the exposure and the share of rows showing one of the 1 %
+        most popular items, positive rate, oracle AUC, AUC of the explainable logit, the
+        effects' variance shares and seconds.
     """
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     clear_split(out_dir)
     plan = draw_rows(world, np.random.default_rng(np.random.SeedSequence(
-        [world.seed, 1, split_id])), rows, start, days)
+        [world.seed, 1, split_id])), rows, start, days, exposure)
     with open(os.path.join(out_dir, SCHEMA_FILE), "w", encoding="utf-8") as fh:
         json.dump(world.layout.schema_json(), fh, indent=2)
         fh.write("\n")
@@ -223,9 +230,12 @@ def write_split(world: World, calib: Calibration, out_dir: str, split: str, spli
                 n_groups += 1
     truth = {k: np.concatenate([t[k] for t in truths]) for k in truths[0]}
     np.savez(os.path.join(out_dir, TRUTH_FILE), **truth, **world.link_ids())
+    popular = np.argsort(-world.items.pop, kind="stable")[:N_ITEMS // 100]
     return {
         "split": split, "dir": out_dir, "rows": rows, "files": bounds.size - 1,
         "row_groups": n_groups, "rows_per_group": rows_per_group,
+        "exposure": exposure.describe(),
+        "popular_share": float(np.isin(plan.item, popular).mean()),
         "pos_rate": float(truth["label"].mean()),
         "oracle_auc": roc_auc(truth["label"], truth["p_true"]),
         "explainable_auc": roc_auc(truth["label"], explainable_logit(truth)),

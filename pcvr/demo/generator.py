@@ -27,6 +27,16 @@ Outputs (DIR/eval/ holds the same three things for the held-out split, 3 days la
                               included), and category_<column> / type_<column>: the id of
                               every latent category / item type in the columns effects link
 
+Exposure-bias mode (``--exposure_bias S``, S > 0; off by default): the training split over-shows
+popular items (each item's probability times popularity^S, see ``pcvr.demo.rows``) while the
+true conversion probability of a (row, item) pair stays what it is (popular items convert no
+more), and the held-out split DIR/eval/ shows items uniformly at random: the biased logs to
+train on (their validation tail is a biased test) and an unbiased test to measure debiasing
+on. Both truth sidecars then also hold per row ``propensity`` (the probability with which the
+split showed the row's item; 1 / 8000 in the held-out split, so ``1 / (8000 * propensity)``
+weights a training row to uniform exposure) and ``item_popularity`` (the item's share of the
+natural popularity draw, for popularity-stratified metrics).
+
 The default layout has every fid and dim of the online schema: 46 ``user_int_feats_*`` (35
 scalar, 11 lists), 10 ``user_dense_feats_*`` (61: 256-d and 87: 320-d user embeddings; 62-66
 heavy-tailed values aligned element by element with the int lists of the same fid; 89-91 ten
@@ -46,7 +56,7 @@ from pcvr.config import build_parser, flag, section_from_namespace
 from pcvr.demo.columns import clear_split, write_split
 from pcvr.demo.effects import EFFECTS, calibrate
 from pcvr.demo.layout import load_layout
-from pcvr.demo.rows import EVAL_DAYS, TRAIN_DAYS, train_start
+from pcvr.demo.rows import EVAL_DAYS, NATURAL, TRAIN_DAYS, Exposure, train_start
 from pcvr.demo.variants import DEFAULT_VARIANT, EVENT_ORDERS, VARIANTS
 from pcvr.demo.world import build_world
 
@@ -89,6 +99,12 @@ class DemoOptions:
                             f"{v.name} UTC{v.tz_hours:+d} (--time_zone_offset_hours "
                             f"{v.tz_hours})" for v in VARIANTS.values()),
                         choices=tuple(VARIANTS))
+    exposure_bias: float = flag(0.0, "exposure-bias mode, off at 0: the training split "
+                                "over-shows popular items (each item's probability times "
+                                "popularity^S; 0.25 moderate, 1 extreme) while their true "
+                                "conversion probability stays the same, and the held-out split "
+                                "shows items uniformly at random (unbiased); both truth sidecars "
+                                "record each row's propensity")
 
 
 _DEFAULT = DemoOptions()
@@ -100,20 +116,23 @@ def generate(out_dir: str, rows: int = _DEFAULT.rows, seed: int = _DEFAULT.seed,
              event_order: str = _DEFAULT.event_order, files: int = _DEFAULT.files,
              rows_per_group: int = _DEFAULT.rows_per_group,
              schema: Union[None, str, Mapping[str, Any]] = _DEFAULT.schema,
-             variant: str = _DEFAULT.variant, verbose: bool = True) -> Dict[str, Any]:
+             variant: str = _DEFAULT.variant, exposure_bias: float = _DEFAULT.exposure_bias,
+             verbose: bool = True) -> Dict[str, Any]:
     """Writes the training split to ``out_dir`` (and the held-out one to ``out_dir/eval``).
 
     Args:
         out_dir: the output folder; a previous run's files there are replaced.
-        rows ... variant: the options of ``DemoOptions`` (``schema`` may also be a dict).
+        rows ... exposure_bias: the options of ``DemoOptions`` (``schema`` may also be a
+            dict).
         verbose: print one line per split.
     Returns:
         A summary: per split rows, positive rate, oracle AUC, the effects' variance shares,
         files, row groups and seconds; plus the options (event order resolved), the variant
         and the calibration.
     """
-    if rows < 1 or eval_rows < 0 or files < 1 or rows_per_group < 0:
-        raise ValueError("need rows >= 1, eval_rows >= 0, files >= 1, rows_per_group >= 0")
+    if rows < 1 or eval_rows < 0 or files < 1 or rows_per_group < 0 or exposure_bias < 0:
+        raise ValueError("need rows >= 1, eval_rows >= 0, files >= 1, rows_per_group >= 0, "
+                         "exposure_bias >= 0")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     var = VARIANTS[variant]
@@ -129,12 +148,15 @@ def generate(out_dir: str, rows: int = _DEFAULT.rows, seed: int = _DEFAULT.seed,
         auto = LIST_VALUES_PER_GROUP / max(calib.list_values_per_row, 1.0)
         rows_per_group = int(np.clip(auto // 64 * 64, 256, 4096))
     common = dict(files=files, rows_per_group=rows_per_group, event_order=event_order)
+    biased = exposure_bias > 0
     splits = [write_split(world, calib, out_dir, "train", 0, rows, train_start(var),
-                          TRAIN_DAYS, TRAIN_USER_ID0, **common)]
+                          TRAIN_DAYS, TRAIN_USER_ID0, **common,
+                          exposure=Exposure(bias=exposure_bias) if biased else NATURAL)]
     eval_dir = os.path.join(out_dir, EVAL_SUBDIR)
     if eval_rows > 0:
         splits.append(write_split(world, calib, eval_dir, "eval", 1, eval_rows, var.train_end,
-                                  EVAL_DAYS, EVAL_USER_ID0, **common))
+                                  EVAL_DAYS, EVAL_USER_ID0, **common,
+                                  exposure=Exposure(uniform=True) if biased else NATURAL))
     elif os.path.isdir(eval_dir):
         clear_split(eval_dir)
     summary = {
@@ -144,7 +166,8 @@ def generate(out_dir: str, rows: int = _DEFAULT.rows, seed: int = _DEFAULT.seed,
         "options": dict(rows=rows, eval_rows=eval_rows, seed=seed, vocab_cap=vocab_cap,
                         seq_len_scale=seq_len_scale, event_order=event_order, files=files,
                         rows_per_group=rows_per_group,
-                        schema=schema if isinstance(schema, str) else None, variant=variant),
+                        schema=schema if isinstance(schema, str) else None, variant=variant,
+                        exposure_bias=exposure_bias),
         "variant": var.describe(),
         "calibration": {"intercept": calib.intercept, "scale": calib.scale},
         "seconds": round(time.perf_counter() - t0, 2),
@@ -153,9 +176,12 @@ def generate(out_dir: str, rows: int = _DEFAULT.rows, seed: int = _DEFAULT.seed,
         if variant != DEFAULT_VARIANT:
             print(f"demo_data: {var.describe()}")
         for s in splits:
-            print(f"demo_data: {s['split']}: rows={s['rows']} pos_rate={s['pos_rate']:.4f} "
-                  f"oracle_auc={s['oracle_auc']:.4f} files={s['files']} "
-                  f"row_groups={s['row_groups']} -> {s['dir']} ({s['seconds']:.1f}s)")
+            exposure = "" if s["exposure"] == NATURAL.describe() else \
+                f"exposure={s['exposure']} popular_share={s['popular_share']:.3f} "
+            print(f"demo_data: {s['split']}: rows={s['rows']} {exposure}"
+                  f"pos_rate={s['pos_rate']:.4f} oracle_auc={s['oracle_auc']:.4f} "
+                  f"files={s['files']} row_groups={s['row_groups']} -> {s['dir']} "
+                  f"({s['seconds']:.1f}s)")
     return summary
 
 

@@ -88,6 +88,7 @@ class Items:
     itype: np.ndarray
     latent: np.ndarray              # [N_ITEMS, LATENT_DIM]
     key: np.ndarray                 # the item_id column
+    pop: np.ndarray                 # [N_ITEMS] global popularity (sums to 1)
     pop_cum: np.ndarray             # global popularity, cumulative
     by_cat: np.ndarray              # item indices sorted by category
     by_cat_cum: np.ndarray          # category + within-category cumulative popularity
@@ -264,8 +265,8 @@ def _build_items(rng: np.random.Generator, layout: FeatureLayout, links: Links,
             ids = _id_scalar(rng, vocab, n)
             null_rate = 0.88 if fid in SPARSE_ITEM_FIDS else rng.uniform(0.0, 0.02)
         scalars[fid] = (ids, _null_mask(rng, n, null_rate))
-    return Items(cat, sub, itype, latent, key, np.cumsum(pop) / pop.sum(), by_cat,
-                 cat[by_cat] + cum_within, scalars, lists)
+    return Items(cat, sub, itype, latent, key, pop / pop.sum(), np.cumsum(pop) / pop.sum(),
+                 by_cat, cat[by_cat] + cum_within, scalars, lists)
 
 
 def _taste_table(taste: np.ndarray) -> np.ndarray:
