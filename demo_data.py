@@ -4,6 +4,7 @@ The generator lives in ``pcvr/demo/``; this file is its command line, kept where
 project expect it.
 """
 from pcvr.demo.generator import main
+from pcvr.errors import run_cli
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
