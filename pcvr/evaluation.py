@@ -9,12 +9,12 @@ from typing import Dict, Iterable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pcvr.batch import Batch
 from pcvr.data.convert import DataStats
 from pcvr.metrics import binary_logloss, roc_auc
 from pcvr.model.outputs import RankingModel
+from pcvr.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def predict(model: RankingModel, loader: Iterable[Batch], device: torch.device,
     model.eval()
     uids, logits, labels = [], [], []
     try:
-        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        for batch in Progress(loader, desc, total=getattr(loader, "num_batches", None)):
             if stats is not None:
                 stats.add(batch)
             out = model.predict(batch.to(device, non_blocking=True))

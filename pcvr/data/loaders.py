@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class PCVRLoader(DataLoader):
-    """A DataLoader over a ``PCVRDataset`` exposing ``set_epoch``, ``stat_names``, ``num_rows``."""
+    """A DataLoader over a ``PCVRDataset`` exposing ``set_epoch``, ``stat_names``, ``num_rows``
+    and ``num_batches``."""
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -37,6 +38,11 @@ class PCVRLoader(DataLoader):
     @property
     def num_rows(self) -> int:
         return self.dataset.num_rows
+
+    @property
+    def num_batches(self) -> int:
+        """Batches this process gets in the current epoch (``PCVRDataset.num_batches``)."""
+        return self.dataset.num_batches(self.num_workers)
 
 
 def make_loader(dataset: PCVRDataset, num_workers: int, pin_memory: Optional[bool] = None

@@ -98,6 +98,18 @@ class PCVRDataset(IterableDataset):
     def num_rows(self) -> int:
         return sum(rg.num_rows for rg in self.row_groups)
 
+    def num_batches(self, n_workers: int) -> int:
+        """Batches of this epoch's pass with ``n_workers`` DataLoader workers (0 = none),
+        counted from the row groups' sizes: with the shuffle pool every batch of a shard is
+        full but its last, without it every row group ends in its own partial batch."""
+        shards = self.world * max(1, n_workers)
+        row_groups = self.epoch_row_groups()
+        mine = [row_groups[s::shards] for s in range(self.rank * max(1, n_workers),
+                                                     (self.rank + 1) * max(1, n_workers))]
+        if self.shuffle and self.buffer_batches > 0:
+            return sum(-(-sum(rg.num_rows for rg in part) // self.batch_size) for part in mine)
+        return sum(-(-rg.num_rows // self.batch_size) for part in mine for rg in part)
+
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's row-group order; takes effect at the next ``iter(loader)``
         (the loaders' workers are not persistent, so they start from this state)."""

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from pcvr.batch import Batch
 from pcvr.checkpoint import CheckpointMeta, CheckpointWriter
@@ -23,6 +22,7 @@ from pcvr.data.convert import DataStats
 from pcvr.errors import DataError
 from pcvr.evaluation import predict, score
 from pcvr.model.outputs import RankingModel
+from pcvr.progress import Progress
 from pcvr.training.ema import ModelEMA
 from pcvr.training.losses import training_loss
 from pcvr.training.optim import build_optimizers
@@ -244,8 +244,14 @@ class Trainer:
         sums: Dict[str, torch.Tensor] = {}
         n_batches = 0
         stop = False
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", dynamic_ncols=True)
-        for batch in bar:
+        total = getattr(self.train_loader, "num_batches", None)
+        epochs = self.tc.num_epochs
+        progress = Progress(
+            self.train_loader, f"epoch {epoch}/{epochs}", total, self.tc.batch_size,
+            run_left=(lambda: (epochs - epoch) * total) if total is not None else None,
+            status=lambda: {"loss": f"{float(sums['loss/total']) / max(n_batches, 1):.4f}"}
+            if sums else {})
+        for batch in progress:
             if stats is not None:
                 stats.add(batch)
             parts = self.train_step(batch.to(self.device, non_blocking=True))
@@ -254,7 +260,6 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             if self.global_step % LOG_EVERY_STEPS == 0:
-                bar.set_postfix(loss=f"{float(parts['loss/total']):.4f}")
                 if self.writer is not None:
                     self.writer.scalars({k: float(v) for k, v in parts.items()},
                                         self.global_step, "/train")
