@@ -159,6 +159,12 @@ def list_checkpoints(ckpt_dir: str) -> List[str]:
     return [os.path.join(ckpt_dir, n) for n in sorted(names, key=step_of)]
 
 
+def latest_resumable(ckpt_dir: str) -> Optional[str]:
+    """The newest complete checkpoint of ``ckpt_dir`` that carries a training state."""
+    paths = [p for p in list_checkpoints(ckpt_dir) if os.path.isfile(os.path.join(p, STATE_FILE))]
+    return paths[-1] if paths else None
+
+
 def resolve_model_dir(path: str) -> str:
     """The checkpoint folder meant by ``path``: ``path`` itself when it holds ``model.pt``;
     for a checkpoint root, the folder that its ``best_checkpoint.json`` names (logged).
@@ -343,3 +349,9 @@ class CheckpointWriter:
     def write_best(self, path: str, valid_auc: Optional[float]) -> None:
         """Records ``path`` as the run's best checkpoint."""
         write_best(self.ckpt_dir, os.path.basename(path), valid_auc)
+
+    def stale(self, keep_last: int, keep: Optional[str]) -> List[str]:
+        """The checkpoint folders beyond the ``keep_last`` newest, ``keep`` excepted."""
+        paths = list_checkpoints(self.ckpt_dir)
+        return [p for p in paths[:max(0, len(paths) - keep_last)]
+                if keep is None or os.path.abspath(p) != os.path.abspath(keep)]

@@ -31,7 +31,8 @@ T = TypeVar("T")
 
 
 def flag(default: Any, help: str, choices: Optional[Iterable[Any]] = None,
-         negate: Optional[str] = None, env: Optional[str] = None) -> Any:
+         negate: Optional[str] = None, env: Optional[str] = None,
+         const: Optional[Any] = None, added_later: bool = False) -> Any:
     """Declares one CLI flag as a dataclass field.
 
     Args:
@@ -41,6 +42,10 @@ def flag(default: Any, help: str, choices: Optional[Iterable[Any]] = None,
         negate: for booleans, the name of the ``--no_*`` twin (default ``no_<name>`` with a
             leading ``use_`` dropped).
         env: an environment variable that overrides the CLI value when set.
+        const: the value of the flag given without a value (``--resume`` alone).
+        added_later: a model flag added after checkpoints were written without it; its
+            default reproduces the older model, so ``from_flat_dict`` takes the default when
+            an older ``train_config.json`` lacks the key (every other key stays required).
     """
     meta = {"help": help}
     if choices is not None:
@@ -49,6 +54,10 @@ def flag(default: Any, help: str, choices: Optional[Iterable[Any]] = None,
         meta["negate"] = negate
     if env is not None:
         meta["env"] = env
+    if const is not None:
+        meta["const"] = const
+    if added_later:
+        meta["added_later"] = True
     return field(default=default, metadata=meta)
 
 
@@ -161,6 +170,19 @@ class ModelConfig:
                                           choices=("pre_mixer", "post_mixer"))
     head_cross_layers: int = flag(0, "HeadCrossNet layers (0 = off)")
     head_cross_init_scale: float = flag(0.01, "HeadCrossNet initial layer scale")
+    use_pair_target_attn: bool = flag(False, "target-aware lookup over the paired lists 62-66: "
+                                      "the item NS tokens query every element's id and read "
+                                      "its paired value (a logit side path, "
+                                      "pcvr/model/interactions.py)", added_later=True)
+    pair_attn_heads: int = flag(4, "match heads per paired list of --use_pair_target_attn",
+                                added_later=True)
+    use_ns_dot_interaction: bool = flag(False, "pairwise dot products of per-token projections "
+                                        "of the NS tokens (DLRM/FM style; a logit side path)",
+                                        added_later=True)
+    ns_dot_heads: int = flag(4, "projections per NS token of --use_ns_dot_interaction",
+                             added_later=True)
+    ns_dot_dim: int = flag(16, "width of each projection of --use_ns_dot_interaction",
+                           added_later=True)
 
 
 @dataclass
@@ -223,6 +245,13 @@ class TrainConfig:
                               "rows into validation)")
     valid_ratio: float = flag(0.1, "fraction of row groups (the tail) used for validation")
     eval_every_n_steps: int = flag(0, "also validate every N steps (0 = at epoch end only)")
+    save_every_n_steps: int = flag(0, "also save a resumable checkpoint every N steps, without "
+                                   "validating (0 = at validations only)")
+    keep_last: int = flag(0, "keep only the N newest checkpoints (the best is never deleted; "
+                          "0 = keep all)")
+    resume: str = flag("", "continue an interrupted run: 'latest' (also --resume alone) = the "
+                       "newest complete checkpoint in --ckpt_dir, if any; or a checkpoint folder",
+                       env="TRAIN_RESUME", const="latest")
     check_data: str = flag("off", "decode every needed column of every row group up front "
                            "(with the workers) and report all damaged ones in one table: "
                            "'first' = then train if nothing is damaged, 'only' = then stop",
@@ -241,7 +270,20 @@ class TrainConfig:
                                              "table")
     ema_decay: float = flag(0.0, "EMA decay of the weights (0 = off)")
     ema_start_epoch: int = flag(3, "1-based epoch at which the EMA starts")
-    use_bf16_train: bool = flag(False, "bf16 autocast for the training forward pass")
+    use_bf16_train: bool = flag(False, "bf16 autocast for the training forward pass where "
+                                "this device runs bf16 fast (CUDA >= 8.0, CPUs with "
+                                "AVX512-BF16 or AMX); float32 elsewhere, and the log says why")
+    train_precision: str = flag("auto", "training precision: 'auto' = --use_bf16_train's rule; "
+                                "'bf16' or 'float32' force it. train_config.json records the "
+                                "precision actually used in place of 'auto'",
+                                choices=("auto", "bf16", "float32"))
+    compile: bool = flag(False, "torch.compile the model for training (fixed-shape path: one "
+                         "length bucket, dense table gradients; compiles again for each new "
+                         "history shape, see --seq_pad_multiple)", negate="no_compile")
+    seq_pad_multiple: int = flag(0, "pad each batch's history lengths up to a multiple of N "
+                                 "(at most the domain's --seq_max_lens; N >= the longest = one "
+                                 "fixed shape) so that --compile meets a few shapes, not one "
+                                 "per batch; 0 = trimmed to the batch's longest history")
     inference_dtype: str = flag("float32", "dtype for validation and inference",
                                 choices=("float32",))
     experiment_name: str = flag("baseline", "recorded in train_config.json")
@@ -313,9 +355,10 @@ def add_section_args(parser: argparse.ArgumentParser, cls: type) -> None:
             group.add_argument(f"--{neg}", dest=f.name, action="store_false",
                                help=f"turn off --{f.name}")
         else:
+            extra = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}
             group.add_argument(f"--{f.name}", dest=f.name, type=tp, default=f.default,
                                choices=f.metadata.get("choices"),
-                               help=f"{help_text} (default {f.default!r})")
+                               help=f"{help_text} (default {f.default!r})", **extra)
 
 
 def build_parser(sections: Iterable[type] = SECTIONS,
@@ -382,7 +425,7 @@ def from_flat_dict(d: Mapping[str, Any], source: str = "train_config.json",
         for f in dataclasses.fields(cls):
             if f.name in d:
                 kwargs[f.name] = d[f.name]
-            elif cls in sections:
+            elif cls in sections and not f.metadata.get("added_later"):
                 raise ConfigError(f"{source}: missing key '{f.name}' "
                                   f"({cls.__name__}); cannot rebuild the model strictly")
         setattr(cfg, _SECTION_ATTR[cls], cls(**kwargs))

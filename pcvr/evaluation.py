@@ -10,6 +10,7 @@ from typing import Dict, Iterable, Optional
 import numpy as np
 import torch
 
+from pcvr import distributed
 from pcvr.batch import Batch
 from pcvr.data.convert import DataStats
 from pcvr.metrics import binary_logloss, roc_auc
@@ -44,7 +45,9 @@ def predict(model: RankingModel, loader: Iterable[Batch], device: torch.device,
     """Runs ``model.predict`` in float32 over every batch of ``loader``.
 
     The model's training mode is restored afterwards. Logits stay on the device until the
-    end, so a GPU pass has no per-batch synchronisation.
+    end, so a GPU pass has no per-batch synchronisation. With several processes each predicts
+    its shard of the loader and the predictions of all ranks are gathered (every rank gets
+    all of them, rank order), so a metric is computed on every row.
 
     Args:
         model: the model (put in eval mode for the pass).
@@ -68,11 +71,11 @@ def predict(model: RankingModel, loader: Iterable[Batch], device: torch.device,
             labels.append(batch.label)
     finally:
         model.train(was_training)
-    if not logits:
-        return Predictions(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.float32))
-    return Predictions(torch.cat(uids).numpy().astype(np.int64),
-                       torch.cat(logits).double().cpu().numpy(),
-                       torch.cat(labels).float().numpy())
+    arrays = [np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.float32)]
+    if logits:
+        arrays = [torch.cat(uids).numpy().astype(np.int64),
+                  torch.cat(logits).double().cpu().numpy(), torch.cat(labels).float().numpy()]
+    return Predictions(*distributed.gather_arrays(arrays))
 
 
 def score(pred: Predictions) -> Dict[str, float]:

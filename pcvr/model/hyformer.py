@@ -34,13 +34,14 @@ import torch.nn as nn
 from pcvr.batch import Batch
 from pcvr.config import DecouplingConfig, ModelConfig
 from pcvr.model.inputs import DENSE_CROSS_SOURCES, NSGroups, NSTokens, SequenceTokens
+from pcvr.model.interactions import build_interaction_head
 from pcvr.model.modules import (BucketedSeq, CrossAttention, Dropout, GatedTokenAutoInt,
                                 HeadCrossNet, LongerEncoder, MultiSeqQueryGenerator,
                                 NSAutoIntLayer, NSSelfAttention, RankMixerBlock,
                                 RotaryEmbedding, SwiGLUEncoder, TargetAwareAttentionHead,
                                 TransformerEncoder, masked_mean, valid_mask)
 from pcvr.model.outputs import ModelOutput
-from pcvr.model.tokens import init_table_
+from pcvr.model.tokens import init_table_, set_sparse_grads
 from pcvr.schema import FeatureLayout
 
 ROPE_MAX_LEN = 2048
@@ -291,6 +292,8 @@ class PCVRHyFormer(nn.Module):
         self.blocks = nn.ModuleList(HyFormerBlock(cfg, seq_max_lens, num_ns, rope, first=i == 0)
                                     for i in range(cfg.num_hyformer_blocks))
         self.head = Head(cfg, num_domains, self.ns.item_span)
+        # Explicit NS interactions added to the logits (None when their flags are off).
+        self.interactions = build_interaction_head(cfg, layout, self.ns.item_span, num_ns)
 
     def time_tables(self) -> List[nn.Embedding]:
         """The time-bucket, request hour/day and event hour/day tables, in that order."""
@@ -309,6 +312,7 @@ class PCVRHyFormer(nn.Module):
 
     def _forward_impl(self, batch: Batch, input_dropout: bool) -> ModelOutput:
         ns, aux, sample_weight = self.ns(batch)
+        ns_in = ns
         seqs = self.seq(batch)
         pooled = torch.stack([seq.per_row(lambda s, n: masked_mean(s, valid_mask(n, s.shape[1])))
                               for seq in seqs], dim=1)
@@ -319,7 +323,10 @@ class PCVRHyFormer(nn.Module):
                     for seq in seqs]
         for block in self.blocks:
             q, ns, seqs = block(q, ns, seqs)
-        return ModelOutput(self.head(q, ns, seqs), aux, sample_weight)
+        logits = self.head(q, ns, seqs)
+        if self.interactions is not None:
+            logits = logits + self.interactions(batch, ns_in)
+        return ModelOutput(logits, aux, sample_weight)
 
     def forward(self, batch: Batch) -> ModelOutput:
         """Training forward (input emb-dropout on in train mode) -> ``ModelOutput``."""
@@ -333,6 +340,17 @@ class PCVRHyFormer(nn.Module):
         256-row batch ~1.1-2.5x slower and kept every activation alive).
         """
         return self._forward_impl(batch, input_dropout=False).logits
+
+    # ------------------------------------------------------------------ speed paths
+    def pad_batch(self, batch: Batch, multiple: int) -> Batch:
+        """The batch with history lengths padded up to a multiple (fixed shapes for
+        ``torch.compile``; same outputs): ``SequenceTokens.pad_batch``."""
+        return self.seq.pad_batch(batch, multiple)
+
+    def set_sparse_grads(self, enabled: bool) -> None:
+        """Sparse (the CPU's eager step) or dense (the fixed-shape path) gradients for the
+        large embedding tables (``tokens.set_sparse_grads``)."""
+        set_sparse_grads(self, enabled)
 
     # ------------------------------------------------------------------ parameter groups
     def feature_tables(self) -> List[nn.Embedding]:

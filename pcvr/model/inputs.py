@@ -12,12 +12,14 @@ Both read the batch only through ``pcvr.batch.Batch``'s fields.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from pcvr.batch import Batch
+from pcvr.batch import HISTORY_FIELDS, SEQ_FIELDS, Batch, SeqBatch
 from pcvr.config import DecouplingConfig, ModelConfig, parse_int_list
 from pcvr.model.decoupling import DecoupledOutput, EntityDecoupler
 from pcvr.model.modules import BucketedSeq, NSTokenSEGate, RowBuckets
@@ -318,6 +320,7 @@ class SequenceTokens(nn.Module):
             self.hour_emb = nn.Embedding(25, d, padding_idx=0)
             self.dow_emb = nn.Embedding(8, d, padding_idx=0)
         self.max_seq_buckets = MAX_SEQ_BUCKETS
+        self.max_lens = {dom.name: dom.max_len for dom in layout.seq}
 
     def _time_tables(self) -> List[Tuple[nn.Embedding, str]]:
         """(table, SeqBatch field) of the per-event time embeddings."""
@@ -325,6 +328,23 @@ class SequenceTokens(nn.Module):
         if self.use_abs_time:
             out += [(self.hour_emb, "hour"), (self.dow_emb, "dayofweek")]
         return out
+
+    def pad_batch(self, batch: Batch, multiple: int) -> Batch:
+        """``batch`` with every domain's history length ``L_d`` padded up to a multiple of
+        ``multiple``, at most the domain's ``max_len`` (``multiple >= max_len`` pads to
+        ``max_len``: one shape). Padding ids are 0, which every reader masks, so outputs
+        are unchanged; a compiled model then sees a few shapes instead of one per batch."""
+        seq = {}
+        for name, s in batch.seq.items():
+            length, cap = s.ids.shape[-1], self.max_lens[name]
+            target = min(cap, -(-length // multiple) * multiple) if multiple > 0 else length
+            if target <= length:
+                seq[name] = s
+                continue
+            seq[name] = SeqBatch(
+                *(F.pad(getattr(s, f), (0, target - length)) if f in HISTORY_FIELDS
+                  else getattr(s, f) for f in SEQ_FIELDS))
+        return dataclasses.replace(batch, seq=seq)
 
     def forward(self, batch: Batch) -> List[BucketedSeq]:
         seqs = []

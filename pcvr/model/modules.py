@@ -75,15 +75,16 @@ class Dropout(nn.Dropout):
     times, independently, so with ``lam = -n log(1 - p)`` every element is dropped
     independently with probability exactly ``p``, as in ``F.dropout``; kept ones are scaled
     by ``1 / (1 - p)``. Only the ``~p n`` drawn indices are saved for backward. Other devices
-    use ``F.dropout`` (``K`` is needed on the host, a sync on CUDA), as do ``p = 1`` and
-    ``inplace``.
+    use ``F.dropout`` (``K`` is needed on the host, a sync on CUDA), as do ``p = 1``,
+    ``inplace`` and code being compiled by ``torch.compile`` (``K`` is a data-dependent size;
+    inductor fuses ``F.dropout``'s draws into its generated kernels instead).
 
     Shape: any -> the same.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not self.training or self.p == 0.0 or self.p >= 1.0 or self.inplace
-                or x.device.type != "cpu"):
+                or x.device.type != "cpu" or torch.compiler.is_compiling()):
             return super().forward(x)
         n = x.numel()
         lam = torch.tensor(-n * math.log1p(-self.p), dtype=torch.float64)
@@ -140,7 +141,9 @@ class RowBuckets:
     per-call overhead; bucket shapes are quantised (``ROW_QUANTUM``, ``LEN_QUANTUM``).
 
     Planning reads the lengths on the host, which is free for CPU tensors. Lengths on another
-    device (CUDA) give one bucket of all rows, in batch order, at the full length: no sync.
+    device (CUDA), and code being compiled by ``torch.compile``, take the fixed-shape path:
+    one bucket of all rows, in batch order, at the full (padded) length, with no host read,
+    no data-dependent shape and so no sync and no graph break.
 
     Args:
         lens: ``[B]`` int lengths.
@@ -157,7 +160,7 @@ class RowBuckets:
         batch = lens.shape[0]
         self.order: Optional[torch.Tensor] = None
         self.inverse: Optional[torch.Tensor] = None
-        if lens.device.type != "cpu" or batch == 0:
+        if lens.device.type != "cpu" or batch == 0 or torch.compiler.is_compiling():
             self.bounds = [(0, batch, max_len)]
             return
         sorted_lens, order = torch.sort(lens.clamp(1, max_len), stable=True)

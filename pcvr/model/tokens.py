@@ -69,6 +69,20 @@ def make_table(vocab_size: int, emb_dim: int) -> nn.Embedding:
     return table
 
 
+def set_sparse_grads(module: nn.Module, enabled: bool) -> int:
+    """Sets whether the tables of more than ``DENSE_GRAD_MAX_ROWS`` rows under ``module`` have
+    sparse gradients (``make_table``'s default) or dense ones; returns how many tables that is.
+
+    Dense gradients are the fixed-shape path (an accelerator, ``torch.compile``): a sparse
+    gradient drops the padding ids with a data-dependent ``nonzero``, a host sync.
+    """
+    tables = [m for m in module.modules()
+              if isinstance(m, nn.Embedding) and m.num_embeddings > DENSE_GRAD_MAX_ROWS]
+    for table in tables:
+        table.sparse = enabled
+    return len(tables)
+
+
 def column_index(specs: Sequence[FeatureSpec]) -> torch.Tensor:
     """int64 positions ``[offset, offset + length)`` of each spec, concatenated in order."""
     cols = [c for s in specs for c in range(s.offset, s.offset + s.length)]

@@ -36,6 +36,19 @@ def lr_factor(tc: TrainConfig, epoch_steps: Optional[int]) -> Callable[[int], fl
     return factor
 
 
+def dense_adamw(params: List[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params``: the fused kernel (one kernel for every tensor, no host sync)
+    where every parameter is on a CUDA or CPU device and torch has it, else torch's default
+    (foreach on accelerators, a loop on the CPU)."""
+    kwargs = dict(lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
+    if params and {p.device.type for p in params} <= {"cuda", "cpu"}:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # an older torch or an unsupported dtype
+            pass
+    return torch.optim.AdamW(params, **kwargs)
+
+
 def build_optimizers(model: RankingModel, tc: TrainConfig, epoch_steps: Optional[int]
                      ) -> Tuple[torch.optim.Optimizer, Optional[torch.optim.Optimizer],
                                 List[torch.optim.lr_scheduler.LambdaLR]]:
@@ -51,9 +64,7 @@ def build_optimizers(model: RankingModel, tc: TrainConfig, epoch_steps: Optional
         # batch touched would be a different regulariser, so refuse instead of guessing.
         raise ConfigError("--sparse_weight_decay must be 0: embedding tables use sparse "
                           "gradients, for which Adagrad has no weight decay")
-    dense = torch.optim.AdamW(model.dense_parameters(), lr=tc.lr,
-                              betas=(tc.adam_beta1, tc.adam_beta2),
-                              weight_decay=tc.weight_decay)
+    dense = dense_adamw(list(model.dense_parameters()), tc)
     sparse_params = model.sparse_parameters()
     # Adagrad builds its sparse updates from coalesced gradients; checking them again on
     # every step costs time, and saying so explicitly keeps torch from warning about it.

@@ -1,20 +1,31 @@
 """The training loop: train step, validation of the raw and EMA weights, early stopping, the
-sparse re-initialisation between epochs, and checkpoints.
+sparse re-initialisation between epochs, resumable checkpoints, and several processes.
 
 The trainer needs from a model only what ``pcvr.model.outputs.RankingModel`` states, and from
-its loaders only that they yield ``Batch``es (and, optionally, ``set_epoch``, ``num_rows`` and
-``stat_names``, which ``PCVRLoader`` has).
+its loaders only that they yield ``Batch``es (and, optionally, ``set_epoch``, ``num_rows``,
+``num_batches`` and ``stat_names``, which ``PCVRLoader`` has).
+
+Every checkpoint can be resumed from: besides the weights it carries the optimisers, the
+schedulers, the EMA, the early-stopping state, the position in the run and the random number
+generators (``train_state()``; ``pcvr.training.state``). With several processes
+(``pcvr.distributed``) every rank runs the same number of steps per epoch (the smallest
+shard's; the batches the others drop are counted in the log), averages its gradients with the
+others, and validates its shard of the validation rows, scored on all of them; only rank 0
+writes checkpoints.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from pcvr import distributed
 from pcvr.batch import Batch
 from pcvr.checkpoint import CheckpointMeta, CheckpointWriter
 from pcvr.config import Config
@@ -23,15 +34,18 @@ from pcvr.errors import DataError
 from pcvr.evaluation import predict, score
 from pcvr.model.outputs import RankingModel
 from pcvr.progress import Progress
+from pcvr.runtime import choose_train_precision, training_forward
 from pcvr.training.ema import ModelEMA
 from pcvr.training.losses import training_loss
 from pcvr.training.optim import build_optimizers
 from pcvr.training.reporting import MetricsWriter, fmt_metrics
+from pcvr.training.state import Position, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 # Host syncs (loss read-out, metrics) happen only every this many steps.
 LOG_EVERY_STEPS = 50
+TRAIN_STATE_VERSION = 1
 
 
 @dataclass
@@ -75,12 +89,6 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.stale >= self.patience
 
-    def state_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.__init__(**state)
-
 
 class Trainer:
     """Owns the optimisers, the EMA and the loop; see ``train()``.
@@ -91,7 +99,7 @@ class Trainer:
         train_loader: yields training ``Batch``es.
         valid_loader: yields validation ``Batch``es, or None (no validation).
         device: the training device.
-        checkpoints: where checkpoints go, or None (benchmarks: no checkpoints).
+        checkpoints: where checkpoints go, or None (benchmarks, ranks other than 0).
         writer: TensorBoard / JSON-lines scalars, or None.
     """
 
@@ -104,18 +112,31 @@ class Trainer:
         self.checkpoints, self.writer = checkpoints, writer
         rows = getattr(train_loader, "num_rows", None)
         epoch_steps = None if rows is None else max(1, math.ceil(rows / self.tc.batch_size))
-        self.dense_params = model.dense_parameters()
+        self.dense_params = list(model.dense_parameters())
         self.dense_opt, self.sparse_opt, self.schedulers = build_optimizers(
             model, self.tc, epoch_steps)
-        self.use_bf16 = bool(self.tc.use_bf16_train) and device.type in ("cuda", "cpu")
+        self.grad_sync = (distributed.GradientSync(self.dense_params,
+                                                   list(model.sparse_parameters()))
+                          if distributed.active() else None)
+        # Precision and forward pass per device (pcvr.runtime); 'auto' is replaced by the
+        # choice, so that train_config.json records the precision actually used.
+        self.tc.train_precision, why = choose_train_precision(
+            self.tc.train_precision, self.tc.use_bf16_train, device)
+        log.info("training precision: %s (%s)", self.tc.train_precision, why)
+        self.use_bf16 = self.tc.train_precision == "bf16" and device.type in ("cuda", "cpu")
+        self.forward = training_forward(model, device, self.tc.compile,
+                                        self.tc.seq_pad_multiple)
         self.ema: Optional[ModelEMA] = None
         self.global_step = 0
+        self.position = Position()
         self.stopping = EarlyStopping(self.tc.patience)
         self.result = TrainResult()
         self._last_saved: Optional[Tuple[int, str]] = None  # (step, folder)
         self._valid_repairs_logged = False
         # (step, metrics, EMA chosen) of the last validation
         self._last_validated: Optional[Tuple[int, Dict[str, float], bool]] = None
+        self._epoch_sums: Dict[str, torch.Tensor] = {}
+        self._resume_rng: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
@@ -127,9 +148,11 @@ class Trainer:
             self.sparse_opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                             enabled=self.use_bf16):
-            out = self.model(batch)
+            out = self.forward(batch)
         total, parts = training_loss(out, batch.label, self.tc)
         total.backward()
+        if self.grad_sync is not None:
+            self.grad_sync()
         if self.tc.grad_clip > 0:
             # Dense only: sparse gradients have no fused norm, and Adagrad already scales
             # each row's step by its own history.
@@ -176,49 +199,123 @@ class Trainer:
                                 self.global_step, "/valid")
         return metrics, use_ema
 
-    def _save(self, epoch: int, use_ema: bool, valid_auc: Optional[float]) -> Optional[str]:
-        """Saves the current (or EMA) weights, once per step; returns the folder."""
-        if self.checkpoints is None:
-            return None
-        if self._last_saved is not None and self._last_saved[0] == self.global_step:
-            return self._last_saved[1]  # validated twice at this step: already saved
-        model = self.ema.module if use_ema else self.model
-        meta = CheckpointMeta(weights="ema" if use_ema else "raw", global_step=self.global_step,
-                              epoch=epoch, valid_auc=valid_auc)
-        path = self.checkpoints.save(model.state_dict(), meta)
-        self._last_saved = (self.global_step, path)
-        return path
-
-    def _validate_and_save(self, epoch: int, end_of_epoch: bool) -> bool:
+    def _validate_and_save(self, end_of_epoch: bool) -> bool:
         """Validate, track the best, save, check patience; returns whether to stop.
 
         Mid-epoch validations save only a new best; the end of an epoch always saves (its
-        checkpoint is the epoch's weights, needed to continue from there).
+        checkpoint is where the next epoch resumes from).
         """
+        epoch, step = self.position.epoch, float(self.global_step)
         if self.valid_loader is None:
-            self._save(epoch, False, None)
+            self._save(False, None)
             return False
-        step = float(self.global_step)
         if self._last_validated is not None and self._last_validated[0] == self.global_step:
             # The epoch ended on a step just validated: the same weights, so the same metrics.
             _, metrics, use_ema = self._last_validated
             self.result.history.append(dict(metrics, epoch=float(epoch), step=step))
-            auc = metrics["auc"] if math.isfinite(metrics["auc"]) else None
-            self._save(epoch, use_ema, auc)
+            self._save(use_ema, metrics["auc"])
             return self.stopping.should_stop
         metrics, use_ema = self.validate(epoch)
         self._last_validated = (self.global_step, metrics, use_ema)
         if end_of_epoch:
             self.result.history.append(dict(metrics, epoch=float(epoch), step=step))
         improved = self.stopping.update(metrics["auc"])
-        auc = metrics["auc"] if math.isfinite(metrics["auc"]) else None
-        path = self._save(epoch, use_ema, auc) if improved or end_of_epoch else None
         if improved:
-            self.result.best_auc, self.result.best_checkpoint = metrics["auc"], path
+            self.result.best_auc = metrics["auc"]
+        path = self._save(use_ema, metrics["auc"], best=improved) if improved or end_of_epoch \
+            else None
+        if improved:
+            self.result.best_checkpoint = path
         if self.stopping.should_stop:
             log.info("early stopping: no better validation AUC in %d validations",
                      self.tc.patience)
         return self.stopping.should_stop
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, use_ema: bool, valid_auc: Optional[float], best: bool = False
+              ) -> Optional[str]:
+        """Saves the current (or EMA) weights and the training state, once per step;
+        returns the folder (None on ranks that do not write)."""
+        if self._last_saved is not None and self._last_saved[0] == self.global_step:
+            return self._last_saved[1]
+        rngs = distributed.gather_objects(rng_state())  # every rank's, so every rank resumes
+        path = None
+        if self.checkpoints is not None:
+            model = self.ema.module if use_ema else self.model
+            auc = valid_auc if valid_auc is not None and math.isfinite(valid_auc) else None
+            meta = CheckpointMeta(weights="ema" if use_ema else "raw",
+                                  global_step=self.global_step, epoch=self.position.epoch,
+                                  valid_auc=auc)
+            path = self.checkpoints.save(model.state_dict(), meta,
+                                         self.train_state(use_ema, rngs))
+            self._prune(keep=path if best else self.result.best_checkpoint)
+        self._last_saved = (self.global_step, path)
+        return path
+
+    def _prune(self, keep: Optional[str]) -> None:
+        """Deletes all but the ``keep_last`` newest checkpoints, never ``keep`` (the best)."""
+        if self.tc.keep_last <= 0 or self.checkpoints is None:
+            return
+        for path in self.checkpoints.stale(self.tc.keep_last, keep):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("pruned checkpoint %s (--keep_last %d)", os.path.basename(path),
+                     self.tc.keep_last)
+
+    def train_state(self, weights_are_ema: bool, rngs: List[Dict[str, Any]]
+                    ) -> Dict[str, Any]:
+        """Everything but the saved weights that a resumed run needs (module docstring).
+
+        The raw weights are stored here only when ``model.pt`` holds the EMA's, and the EMA's
+        only when it holds the raw ones: never twice. ``rngs``: every rank's generators.
+        """
+        ema = None
+        if self.ema is not None:
+            ema = {"updates": self.ema.updates,
+                   "module": None if weights_are_ema else self.ema.module.state_dict()}
+        return {
+            "version": TRAIN_STATE_VERSION,
+            "position": dataclasses.asdict(self.position),
+            "global_step": self.global_step,
+            "model": self.model.state_dict() if weights_are_ema else None,
+            "dense_opt": self.dense_opt.state_dict(),
+            "sparse_opt": self.sparse_opt.state_dict() if self.sparse_opt else None,
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "ema": ema,
+            "stopping": dataclasses.asdict(self.stopping),
+            "result": dataclasses.asdict(self.result),
+            "last_saved": self._last_saved,
+            "epoch_sums": {k: float(v) for k, v in self._epoch_sums.items()},
+            "rng": rngs,
+        }
+
+    def load_state(self, state: Dict[str, Any], saved_weights: Dict[str, torch.Tensor],
+                   weights_are_ema: bool) -> None:
+        """Restores a ``train_state()`` and the weights saved beside it (``model.pt``)."""
+        self.model.load_state_dict(state["model"] if weights_are_ema else saved_weights)
+        self.dense_opt.load_state_dict(state["dense_opt"])
+        if self.sparse_opt is not None:
+            self.sparse_opt.load_state_dict(state["sparse_opt"])
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        if state["ema"] is not None:
+            self.ema = ModelEMA(self.model, self.tc.ema_decay)
+            self.ema.load_state_dict({"updates": state["ema"]["updates"],
+                                      "module": saved_weights if weights_are_ema
+                                      else state["ema"]["module"]})
+        self.global_step = state["global_step"]
+        self.position = Position(**state["position"])
+        self.stopping = EarlyStopping(**state["stopping"])
+        self.result = TrainResult(**state["result"])
+        self._last_saved = tuple(state["last_saved"]) if state["last_saved"] else None
+        self._epoch_sums = {k: torch.tensor(v) for k, v in state["epoch_sums"].items()}
+        rngs = state["rng"]
+        if len(rngs) != distributed.world_size():
+            log.warning("resuming with %d processes instead of %d: the data is sharded "
+                        "differently from here on", distributed.world_size(), len(rngs))
+        self._resume_rng = rngs[distributed.rank() % len(rngs)]
+        p = self.position
+        log.info("resuming at step %d: epoch %d, %s", self.global_step, p.epoch,
+                 "its end" if p.epoch_done else f"after {p.step_in_epoch} of its batches")
 
     # ------------------------------------------------------------------ re-init
     def _reinit_sparse(self, epoch: int) -> None:
@@ -237,67 +334,110 @@ class Trainer:
                  "; EMA restarted" if self.ema is not None else "")
 
     # ------------------------------------------------------------------ loop
-    def _train_epoch(self, epoch: int) -> bool:
-        """One pass over the training loader; returns whether early stopping ended it."""
+    def _batches(self) -> Iterator[Batch]:
+        """This epoch's training batches from the position on: as many as the rank with the
+        fewest has; a resumed epoch's first batches are read but not trained on."""
+        loader = self.train_loader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.position.epoch)
+        own = getattr(loader, "num_batches", None)
+        steps = distributed.min_over_ranks(own, self.device) if own is not None else None
+        if own is not None and steps < own:
+            log.info("epoch %d: this rank drops its last %d of %d batches (ranks run the "
+                     "same number of steps)", self.position.epoch, own - steps, own)
+        it = iter(loader)
+        for _ in range(self.position.step_in_epoch):  # replay up to the resumed position
+            next(it)
+        if self._resume_rng is not None:  # after the replay, which may draw worker seeds
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        for k, batch in enumerate(it, start=self.position.step_in_epoch):
+            if steps is not None and k >= steps:
+                break
+            yield batch
+
+    def _mean_loss(self) -> float:
+        """The epoch's mean training loss so far (reads it off the device)."""
+        return float(self._epoch_sums["loss/total"]) / max(self.position.step_in_epoch, 1)
+
+    def _train_epoch(self) -> bool:
+        """The rest of the current epoch; returns whether early stopping ended it."""
+        epoch, epochs = self.position.epoch, self.tc.num_epochs
         stat_names = getattr(self.train_loader, "stat_names", None)
         stats = DataStats(stat_names) if stat_names is not None else None
-        sums: Dict[str, torch.Tensor] = {}
-        n_batches = 0
-        stop = False
+        sums = self._epoch_sums
         total = getattr(self.train_loader, "num_batches", None)
-        epochs = self.tc.num_epochs
         progress = Progress(
-            self.train_loader, f"epoch {epoch}/{epochs}", total, self.tc.batch_size,
+            self._batches(), f"epoch {epoch}/{epochs}", total, self.tc.batch_size,
             run_left=(lambda: (epochs - epoch) * total) if total is not None else None,
-            status=lambda: {"loss": f"{float(sums['loss/total']) / max(n_batches, 1):.4f}"}
-            if sums else {})
-        for batch in progress:
-            if stats is not None:
-                stats.add(batch)
-            parts = self.train_step(batch.to(self.device, non_blocking=True))
-            self.global_step += 1
-            n_batches += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if self.global_step % LOG_EVERY_STEPS == 0:
-                if self.writer is not None:
+            status=lambda: {"loss": f"{self._mean_loss():.4f}"} if sums else {})
+        try:
+            for batch in progress:
+                if stats is not None:
+                    stats.add(batch)
+                parts = self.train_step(batch.to(self.device, non_blocking=True))
+                self.global_step += 1
+                self.position.step_in_epoch += 1
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if self.global_step % LOG_EVERY_STEPS == 0 and self.writer is not None:
                     self.writer.scalars({k: float(v) for k, v in parts.items()},
                                         self.global_step, "/train")
-            if (self.tc.eval_every_n_steps > 0 and self.valid_loader is not None
-                    and self.global_step % self.tc.eval_every_n_steps == 0):
-                stop = self._validate_and_save(epoch, end_of_epoch=False)
-                if stop:
-                    break
-        if n_batches == 0:
+                if (self.tc.eval_every_n_steps > 0 and self.valid_loader is not None
+                        and self.global_step % self.tc.eval_every_n_steps == 0
+                        and self._validate_and_save(end_of_epoch=False)):
+                    return True
+                if self.tc.save_every_n_steps > 0 and \
+                        self.global_step % self.tc.save_every_n_steps == 0:
+                    self._save(False, None)
+        except DataError:
+            if not distributed.active():  # ranks cannot meet in a save: torchrun stops them
+                self._save(False, None)  # the run so far resumes once the data is fixed
+            raise
+        n = self.position.step_in_epoch
+        if n == 0:
             raise DataError("the training loader yielded no batch: check --data_dir, "
                             "--train_ratio and --valid_ratio")
-        means = {k: float(v) / n_batches for k, v in sums.items()}
-        log.info("epoch %d: %d batches, mean %s", epoch, n_batches, fmt_metrics(means))
+        log.info("epoch %d: %d batches, mean %s", epoch, n,
+                 fmt_metrics({k: float(v) / n for k, v in sums.items()}))
         if stats is not None:
             for line in stats.summary_lines():
                 log.info("epoch %d data repairs: %s", epoch, line)
-        return stop
+        return False
 
     def train(self) -> TrainResult:
-        """Runs up to ``num_epochs`` epochs; returns the best validation AUC and checkpoint.
+        """Runs the epochs from the current position (the first, or a resumed checkpoint's)
+        up to ``num_epochs``; returns the best validation AUC and checkpoint.
 
         Each epoch: the EMA starts at ``ema_start_epoch``; a pass over the training data
-        (validating every ``eval_every_n_steps`` steps when set); a validation and a
-        checkpoint at its end; the sparse re-initialisation after epochs >=
-        ``reinit_sparse_after_epoch`` but the last. Early stopping ends the run after
-        ``patience`` validations without a better AUC.
+        (validating every ``eval_every_n_steps`` steps and saving every
+        ``save_every_n_steps`` when set); a validation and a checkpoint at its end; then the
+        sparse re-initialisation after epochs >= ``reinit_sparse_after_epoch`` but the last.
+        Early stopping ends the run after ``patience`` validations without a better AUC.
         """
         tc = self.tc
-        for epoch in range(1, tc.num_epochs + 1):
-            if hasattr(self.train_loader, "set_epoch"):
-                self.train_loader.set_epoch(epoch)
-            if self.ema is None and tc.ema_decay > 0 and epoch >= max(1, tc.ema_start_epoch):
+        if self._resume_rng is not None and self.position.epoch_done:
+            set_rng_state(self._resume_rng)  # the re-initialisation below draws from it
+            self._resume_rng = None
+        while True:
+            p = self.position
+            if p.epoch_done:
+                if self.stopping.should_stop or p.epoch >= tc.num_epochs:
+                    break
+                if 0 < tc.reinit_sparse_after_epoch <= p.epoch < tc.num_epochs:
+                    self._reinit_sparse(p.epoch)
+                self.position = Position(p.epoch + 1)
+                self._epoch_sums = {}
+                continue
+            if self.ema is None and tc.ema_decay > 0 and p.epoch >= max(1, tc.ema_start_epoch):
                 self.ema = ModelEMA(self.model, tc.ema_decay)
-                log.info("EMA started at epoch %d (decay %g, warm-up)", epoch, tc.ema_decay)
-            if self._train_epoch(epoch) or self._validate_and_save(epoch, end_of_epoch=True):
+                log.info("EMA started at epoch %d (decay %g, warm-up)", p.epoch, tc.ema_decay)
+            stop = self._train_epoch()
+            if not stop:
+                self.position.epoch_done = True
+                stop = self._validate_and_save(end_of_epoch=True)
+            if stop:
                 break
-            if 0 < tc.reinit_sparse_after_epoch <= epoch < tc.num_epochs:
-                self._reinit_sparse(epoch)
         self.result.global_step = self.global_step
         self._record_best()
         return self.result
