@@ -2,6 +2,7 @@
 process, an uneven last shard, a failing rank, and a batch the world size does not divide."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -13,9 +14,11 @@ import torch.multiprocessing as mp
 
 from _parquet_util import TINY_SCHEMA, TINY_SEQ_MAX_LENS, tiny_table, write_dataset
 from pcvr import checkpoint
-from pcvr.config import TrainConfig
+import train
+from pcvr.config import TrainConfig, parse_config
 from pcvr.data.loaders import get_pcvr_data
-from pcvr.distributed import GradientSync
+from pcvr.distributed import GradientSync, World
+from pcvr.errors import ConfigError
 from pcvr.evaluation import predict, score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,8 +119,43 @@ def test_a_failing_rank_stops_the_others(data, tmp_path):
 
 
 def test_a_batch_the_world_size_does_not_divide_is_refused(data, tmp_path):
-    proc = torchrun(data, tmp_path / "ck", "--batch_size", "15")
-    assert proc.returncode != 0
-    assert "--batch_size 15 is the global batch: it must be a multiple of the 2 processes" \
-        in proc.stderr
+    cfg = parse_config(RUN + ["--data_dir", str(data), "--ckpt_dir", str(tmp_path / "ck"),
+                              "--batch_size", "15"], environ={})
+    with pytest.raises(ConfigError, match="--batch_size 15 is the global batch: it must be a "
+                                          "multiple of the 2 processes"):
+        train.run(cfg, World(rank=0, size=2), torch.device("cpu"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_train_exactly_like_two_processes_of_one(data, tmp_path):
+    """The multi-machine launch (--nnodes 2, c10d rendezvous), both "machines" here."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    # One thread per process, as torchrun sets for several processes on one machine: the
+    # same arithmetic, so the same bits.
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("TRAIN_")},
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+         "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+         "--rdzv_id=pcvr-test", os.path.join(ROOT, "train.py"), *RUN, "--data_dir", str(data),
+         "--ckpt_dir", str(tmp_path / f"node{node}")], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True) for node in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 0, err[-3000:]
+    one_machine = torchrun(data, tmp_path / "standalone")
+    assert one_machine.returncode == 0, one_machine.stderr[-3000:]
+    written = [n for n in (0, 1) if os.path.isdir(tmp_path / f"node{n}" / "global_step8.epoch1"
+                                                   ".layer=1.head=2.hidden=16")]
+    assert len(written) == 1  # the rank 0 machine only
+    for name in ("global_step8.epoch1.layer=1.head=2.hidden=16",
+                 "global_step16.epoch2.layer=1.head=2.hidden=16"):
+        a = torch.load(tmp_path / f"node{written[0]}" / name / "model.pt")
+        b = torch.load(tmp_path / "standalone" / name / "model.pt")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
