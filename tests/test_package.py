@@ -16,13 +16,20 @@ TINY = ["--d_model", "16", "--emb_dim", "8", "--num_heads", "2", "--num_queries"
         "--batch_size", "64", "--num_workers", "0", "--num_epochs", "1"]
 
 
-def test_the_bundle_holds_the_inference_code_and_dry_runs(tmp_path, capsys):
-    data = tmp_path / "data"
-    generate(str(data), rows=400, seed=4, eval_rows=0, vocab_cap=300, seq_len_scale=0.01,
-             rows_per_group=100, verbose=False)
-    result = train.main(TINY + ["--data_dir", str(data), "--ckpt_dir", str(tmp_path / "ck"),
-                                "--save_every_n_steps", "2"])
-    package.main(["--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "sub.zip")])
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint root (with a training state: --save_every_n_steps) and its best folder."""
+    root = tmp_path_factory.mktemp("package")
+    generate(str(root / "data"), rows=256, seed=4, eval_rows=0, vocab_cap=300,
+             seq_len_scale=0.01, rows_per_group=64, verbose=False)
+    result = train.main(TINY + ["--data_dir", str(root / "data"), "--ckpt_dir",
+                                str(root / "ck"), "--save_every_n_steps", "2"])
+    return root / "ck", result
+
+
+def test_the_bundle_holds_the_inference_code_and_dry_runs(trained, tmp_path, capsys):
+    root, result = trained
+    package.main(["--ckpt", str(root), "--out", str(tmp_path / "sub.zip")])
     printed = capsys.readouterr().out
     assert "dry run of infer.main() from the unpacked bundle: 64 predictions" in printed
     names = zipfile.ZipFile(tmp_path / "sub.zip").namelist()
@@ -35,13 +42,10 @@ def test_the_bundle_holds_the_inference_code_and_dry_runs(tmp_path, capsys):
     assert sum(os.path.getsize(f) for f in inference_files()) < CODE_LIMIT_BYTES
 
 
-def test_a_bundle_that_fails_its_dry_run_is_not_kept(tmp_path, monkeypatch):
+def test_a_bundle_that_fails_its_dry_run_is_not_kept(trained, tmp_path):
     with pytest.raises(CheckpointError):
         package.main(["--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "x.zip")])
-    data = tmp_path / "data"
-    generate(str(data), rows=200, seed=4, eval_rows=0, vocab_cap=300, seq_len_scale=0.01,
-             verbose=False)
-    result = train.main(TINY + ["--data_dir", str(data), "--ckpt_dir", str(tmp_path / "ck")])
+    _, result = trained
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(PackageError, match="dry run of infer.main\\(\\) failed"):
