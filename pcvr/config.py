@@ -171,18 +171,24 @@ class ModelConfig:
     head_cross_layers: int = flag(0, "HeadCrossNet layers (0 = off)")
     head_cross_init_scale: float = flag(0.01, "HeadCrossNet initial layer scale")
     use_pair_target_attn: bool = flag(False, "target-aware lookup over the paired lists 62-66: "
-                                      "the item NS tokens query every element's id and read "
-                                      "its paired value (a logit side path, "
+                                      "the item fields' embeddings query every element's id "
+                                      "and read its paired value (a logit side path, "
                                       "pcvr/model/interactions.py)", added_later=True)
     pair_attn_heads: int = flag(4, "match heads per paired list of --use_pair_target_attn",
                                 added_later=True)
-    use_ns_dot_interaction: bool = flag(False, "pairwise dot products of per-token projections "
-                                        "of the NS tokens (DLRM/FM style; a logit side path)",
-                                        added_later=True)
-    ns_dot_heads: int = flag(4, "projections per NS token of --use_ns_dot_interaction",
-                             added_later=True)
-    ns_dot_dim: int = flag(16, "width of each projection of --use_ns_dot_interaction",
-                           added_later=True)
+    use_field_cross: bool = flag(False, "user x item field cross: every user field (int fid, "
+                                 "dense field) and every item field projected per head, the "
+                                 "dot product of each (user, item) pair weighted and added to "
+                                 "the logits (a field-weighted FM; pcvr/model/interactions.py)",
+                                 added_later=True)
+    field_cross_heads: int = flag(2, "projections per field of --use_field_cross",
+                                  added_later=True)
+    field_cross_dim: int = flag(8, "width of each projection of --use_field_cross",
+                                added_later=True)
+    emb_min_count: int = flag(0, "frequency admission: ids seen fewer than this many times in "
+                              "the first training epoch share the out-of-vocabulary row of "
+                              "their table instead of a row of their own (0 = off)",
+                              added_later=True)
 
 
 @dataclass
@@ -226,6 +232,8 @@ class TrainConfig:
                                         env="TRAIN_TF_EVENTS_PATH")
     batch_size: int = flag(256, "batch size for training, validation and inference")
     lr: float = flag(1e-4, "AdamW learning rate (dense parameters)")
+    interaction_lr: float = flag(0.0, "AdamW learning rate of the explicit interactions "
+                                 "(--use_field_cross, --use_pair_target_attn); 0 = --lr")
     weight_decay: float = flag(0.01, "AdamW weight decay (dense parameters)")
     adam_beta1: float = flag(0.9, "AdamW beta1")
     adam_beta2: float = flag(0.98, "AdamW beta2")

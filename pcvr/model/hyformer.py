@@ -41,7 +41,7 @@ from pcvr.model.modules import (BucketedSeq, CrossAttention, Dropout, GatedToken
                                 RotaryEmbedding, SwiGLUEncoder, TargetAwareAttentionHead,
                                 TransformerEncoder, masked_mean, valid_mask)
 from pcvr.model.outputs import ModelOutput
-from pcvr.model.tokens import init_table_, set_sparse_grads
+from pcvr.model.tokens import IdAdmission, init_table_, set_sparse_grads
 from pcvr.schema import FeatureLayout
 
 ROPE_MAX_LEN = 2048
@@ -293,7 +293,7 @@ class PCVRHyFormer(nn.Module):
                                     for i in range(cfg.num_hyformer_blocks))
         self.head = Head(cfg, num_domains, self.ns.item_span)
         # Explicit NS interactions added to the logits (None when their flags are off).
-        self.interactions = build_interaction_head(cfg, layout, self.ns.item_span, num_ns)
+        self.interactions = build_interaction_head(cfg, layout)
 
     def time_tables(self) -> List[nn.Embedding]:
         """The time-bucket, request hour/day and event hour/day tables, in that order."""
@@ -311,8 +311,8 @@ class PCVRHyFormer(nn.Module):
                 table.weight[table.padding_idx].zero_()
 
     def _forward_impl(self, batch: Batch, input_dropout: bool) -> ModelOutput:
-        ns, aux, sample_weight = self.ns(batch)
-        ns_in = ns
+        emb = self.ns.embed(batch) if self.interactions is not None else None
+        ns, aux, sample_weight = self.ns(batch, emb)
         seqs = self.seq(batch)
         pooled = torch.stack([seq.per_row(lambda s, n: masked_mean(s, valid_mask(n, s.shape[1])))
                               for seq in seqs], dim=1)
@@ -325,7 +325,7 @@ class PCVRHyFormer(nn.Module):
             q, ns, seqs = block(q, ns, seqs)
         logits = self.head(q, ns, seqs)
         if self.interactions is not None:
-            logits = logits + self.interactions(batch, ns_in)
+            logits = logits + self.interactions(batch, *emb)
         return ModelOutput(logits, aux, sample_weight)
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -367,6 +367,21 @@ class PCVRHyFormer(nn.Module):
         """Every other parameter: the AdamW group."""
         sparse = {id(p) for p in self.sparse_parameters()}
         return [p for p in self.parameters() if id(p) not in sparse]
+
+    @torch.no_grad()
+    def stop_counting_ids(self) -> int:
+        """Ends the id counting of ``--emb_min_count`` (the trainer calls it after the first
+        epoch; calling it again does nothing). With several processes every rank takes rank
+        0's counts, so that all admit the same ids as the checkpoint. Returns the number of
+        tables that count."""
+        mods = [m for m in self.modules() if isinstance(m, IdAdmission)]
+        if any(m.counting for m in mods) and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            for m in mods:
+                torch.distributed.broadcast(m.counts, src=0)
+        for m in mods:
+            m.counting = False
+        return len(mods)
 
     @torch.no_grad()
     def reinit_high_cardinality_params(self, threshold: int) -> List[nn.Parameter]:

@@ -195,11 +195,12 @@ class NSTokens(nn.Module):
         groups = ns_groups or {}
         pair_dense = _pair_dense(layout) if cfg.use_pair_62_66 else None
         self.user_tokenizer = _ns_tokenizer(
-            cfg, NSFeatureEmbedding(layout.user_int, e, skip, pair_dense, cfg.pair_pooling),
+            cfg, NSFeatureEmbedding(layout.user_int, e, skip, pair_dense, cfg.pair_pooling,
+                                    cfg.emb_min_count),
             resolve_groups(groups.get("user_ns_groups"), layout.user_int, "user"),
             cfg.user_ns_tokens, 0)
         self.item_tokenizer = _ns_tokenizer(
-            cfg, NSFeatureEmbedding(layout.item_int, e, skip),
+            cfg, NSFeatureEmbedding(layout.item_int, e, skip, min_count=cfg.emb_min_count),
             resolve_groups(groups.get("item_ns_groups"), layout.item_int, "item"),
             cfg.item_ns_tokens, ITEM_SPLIT_SEED_OFFSET)
         n_user, n_item = self.user_tokenizer.num_tokens, self.item_tokenizer.num_tokens
@@ -257,10 +258,17 @@ class NSTokens(nn.Module):
                     for k, v in out.losses.items()})
         return tokens + add, out.sample_weight
 
-    def forward(self, batch: Batch
+    def embed(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The user and item fids' pooled ``E``-vectors, ``[B, n_user_fids, E]`` and
+        ``[B, n_item_fids, E]`` (schema order)."""
+        return (self.user_tokenizer.embedding(batch.user_int, batch.user_dense),
+                self.item_tokenizer.embedding(batch.item_int))
+
+    def forward(self, batch: Batch,
+                emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> Tuple[torch.Tensor, Dict[str, AuxLoss], Optional[torch.Tensor]]:
-        user_emb = self.user_tokenizer.embedding(batch.user_int, batch.user_dense)
-        item_emb = self.item_tokenizer.embedding(batch.item_int)
+        """``emb``: ``embed(batch)`` when the caller needs it too (computed here otherwise)."""
+        user_emb, item_emb = emb if emb is not None else self.embed(batch)
         user, item = self.user_tokenizer(user_emb), self.item_tokenizer(item_emb)
         aux: Dict[str, AuxLoss] = {}
         item, sample_weight = self._decouple(self.item_decoupling, item_emb, item, "item", aux)
@@ -311,7 +319,8 @@ class SequenceTokens(nn.Module):
         d = cfg.d_model
         self.tokenizers = nn.ModuleDict({
             dom.name: SequenceTokenizer(dom, cfg.emb_dim, d, cfg.emb_skip_threshold,
-                                        cfg.seq_id_threshold, 2 * cfg.dropout_rate)
+                                        cfg.seq_id_threshold, 2 * cfg.dropout_rate,
+                                        cfg.emb_min_count)
             for dom in layout.seq})
         self.time_bucket_emb = (nn.Embedding(NUM_TIME_BUCKETS, d, padding_idx=0)
                                 if cfg.use_time_buckets else None)

@@ -1,23 +1,30 @@
-"""Explicit interactions between the NS features, read out as an additive logit path.
+"""Explicit user x item interactions, read out as an additive logit path.
 
-The backbone sees the user and item NS tokens side by side, and any product between them
-(user segment x item category, user taste x item vector, the engagement value a user's list
-pairs with the target's type) has to be built by its MLPs, which one pass over the data does
-poorly (README "Demo quality": such effects were captured at 0.17-0.37). These modules build
-the products explicitly and add their read-out to the logits (a wide-and-deep style side
-path; zero at initialisation, so a model starts as the backbone alone):
+The backbone sees the user and item NS tokens side by side, and a product between a user
+feature and an item feature (user segment x item category, user taste x item vector, the
+engagement value a user's list pairs with the target's type) has to be built by its MLPs
+from tokens in which each feature is mixed with a dozen others; one pass over the data does
+that poorly (README "Demo quality": such effects were captured at 0.17-0.37). These modules
+build the products explicitly from the per-feature embeddings and add their read-out to the
+logits (a wide-and-deep style side path, zero at initialisation, so a model starts as the
+backbone alone):
 
-* ``PairTargetAttention`` (``--use_pair_target_attn``): per paired list (user int + user
-  dense fids 62-66) and head, every element's id is matched against the target item:
-  ``g_p = sigmoid(<q(item), k(id_p)> / sqrt(d) + b)``, and the list gives ``sum_p g_p w_p``
-  (``w_p = sqrt(log1p(value_p))``, the pair pooling's weight) and ``sum_p g_p`` (how much of
-  the list matched at all). A lookup by the target, which a pooled list cannot express: the
-  pooled vector is the same whatever item is scored.
-* ``TokenDotInteraction`` (``--use_ns_dot_interaction``): every NS token is projected per
-  head to ``ns_dot_dim`` and the dot product of every pair of tokens is a feature (DLRM / FM
-  style): a rank-``ns_dot_dim`` bilinear form between any user and any item token.
-* ``InteractionHead``: the concatenated features -> ``LN -> Lin -> SiLU -> Lin`` -> a logit
-  addend ``[B, action_num]``, last layer zero-initialised.
+* ``FieldCross`` (``--use_field_cross``): every user field (each user int fid's pooled
+  ``E``-vector, each user dense field) and every item field is projected per head to
+  ``field_cross_dim``; the dot product of every (user field, item field) pair is a feature
+  and a linear layer weighs them (field-weighted factorisation machine): a learned
+  bilinear form between any user and any item feature. With ``--use_pair_62_66`` a paired
+  list's field is ``sum_p w_p e(id_p)`` (the pair pooling), so its product with the target's
+  type field is ``sum_p w_p <e(id_p), e(type)>``: the value of the matching element, once the
+  embeddings make ``<e(id), e(type)>`` a match indicator.
+* ``PairTargetAttention`` (``--use_pair_target_attn``): per paired list and head, each
+  element's id is matched against the target item, ``g_p = sigmoid(<q(item), k(id_p)> /
+  sqrt(d) + b)``, and the list gives ``sum_p g_p w_p`` and ``sum_p g_p`` (a soft lookup by
+  the target; the query reads the item fields' embeddings).
+* ``InteractionHead``: the modules on, their logit addends summed.
+
+The embeddings are those of the NS tokenizers (``NSTokens``), looked up again here, so the
+tables learn from both paths.
 """
 from __future__ import annotations
 
@@ -26,12 +33,80 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pcvr.batch import Batch
 from pcvr.config import ModelConfig
-from pcvr.model.tokens import make_table
-from pcvr.schema import FeatureLayout, FeatureSpec
+from pcvr.model.tokens import column_index, make_table, signed_log1p
+from pcvr.schema import ACTIVITY, PAIRED, FeatureLayout, FeatureSpec
+
+
+class DenseFields(nn.Module):
+    """Dense feature groups -> one ``E``-vector each: ``Lin(signed_log1p(x))``.
+
+    Args:
+        groups: the dense features of each field (the activity fids form one field).
+        emb_dim: ``E``.
+
+    Shape: dense ``[B, dense_dim]`` -> ``[B, len(groups), E]``.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[FeatureSpec]], emb_dim: int):
+        super().__init__()
+        for k, g in enumerate(groups):
+            self.register_buffer(f"cols{k}", column_index(g), persistent=False)
+        self.proj = nn.ModuleList(nn.Linear(sum(s.length for s in g), emb_dim) for g in groups)
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        return torch.stack([p(signed_log1p(dense.index_select(1, getattr(self, f"cols{k}"))))
+                            for k, p in enumerate(self.proj)], dim=1)
+
+
+def dense_field_groups(specs: Sequence[FeatureSpec], skip_paired: bool
+                       ) -> List[List[FeatureSpec]]:
+    """One field per dense fid, the activity fids together; paired fids left out when they
+    weight the int pooling instead."""
+    groups = [[s] for s in specs if s.kind != ACTIVITY and not (skip_paired and s.kind == PAIRED)]
+    activity = [s for s in specs if s.kind == ACTIVITY]
+    return groups + ([activity] if activity else [])
+
+
+class FieldCross(nn.Module):
+    """Field-weighted user x item dot products.
+
+    Args:
+        num_user: user fields (int fids + dense fields).
+        num_item: item fields.
+        emb_dim: ``E``.
+        num_heads: projections per field (``H``).
+        dim: width of each projection (``k``).
+        action_num: logits.
+
+    Shape: user ``[B, U, E]``, item ``[B, I, E]`` -> ``[B, action_num]``.
+    """
+
+    def __init__(self, num_user: int, num_item: int, emb_dim: int, num_heads: int, dim: int,
+                 action_num: int):
+        super().__init__()
+        if num_user < 1 or num_item < 1:
+            raise ValueError("use_field_cross needs user and item fields")
+        if num_heads < 1 or dim < 1:
+            raise ValueError(f"field_cross_heads and field_cross_dim must be >= 1, got "
+                             f"{num_heads}, {dim}")
+        self.num_heads, self.dim = num_heads, dim
+        self.user_proj = nn.Parameter(torch.randn(num_user, emb_dim, num_heads * dim)
+                                      * emb_dim ** -0.5)
+        self.item_proj = nn.Parameter(torch.randn(num_item, emb_dim, num_heads * dim)
+                                      * emb_dim ** -0.5)
+        self.readout = nn.Linear(num_user * num_item * num_heads, action_num)
+        nn.init.zeros_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        b, h, k = user.shape[0], self.num_heads, self.dim
+        zu = torch.einsum("bue,uek->buk", user, self.user_proj).view(b, -1, h, k)
+        zi = torch.einsum("bie,iek->bik", item, self.item_proj).view(b, -1, h, k)
+        dots = torch.einsum("buhk,bihk->buih", zu, zi) / math.sqrt(k)
+        return self.readout(dots.flatten(1))
 
 
 class PairTargetAttention(nn.Module):
@@ -39,7 +114,7 @@ class PairTargetAttention(nn.Module):
 
     Args:
         pairs: (user int spec, user dense spec) of every paired fid (``FeatureLayout.pairs``).
-        target_dim: width of the target vector (the flattened item NS tokens).
+        target_dim: width of the target vector (the item fields' embeddings, flattened).
         emb_dim: width of the list-id tables (own tables, ``vocab_size + 1`` rows, padding 0).
         num_heads: match heads per list.
         head_dim: width of a head's query and key.
@@ -86,86 +161,67 @@ class PairTargetAttention(nn.Module):
         return torch.cat(out, dim=-1)
 
 
-class TokenDotInteraction(nn.Module):
-    """Pairwise dot products of per-token projections of the NS tokens.
-
-    Token ``t`` is projected by its own ``[D, H * k]`` matrix; for every head and every pair
-    ``t < u`` the feature is ``<z_t, z_u> / sqrt(k)``.
-
-    Shape: ``[B, N, D] -> [B, H * N (N - 1) / 2]``.
-    """
-
-    def __init__(self, num_tokens: int, d_model: int, num_heads: int, dim: int):
-        super().__init__()
-        if num_tokens < 2:
-            raise ValueError("use_ns_dot_interaction needs at least two NS tokens")
-        if num_heads < 1 or dim < 1:
-            raise ValueError(f"ns_dot_heads and ns_dot_dim must be >= 1, got {num_heads}, "
-                             f"{dim}")
-        self.num_heads, self.dim = num_heads, dim
-        self.weight = nn.Parameter(torch.empty(num_tokens, d_model, num_heads * dim))
-        nn.init.normal_(self.weight, std=d_model ** -0.5)
-        rows, cols = torch.triu_indices(num_tokens, num_tokens, offset=1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
-        self.num_features = num_heads * rows.numel()
-
-    def forward(self, ns: torch.Tensor) -> torch.Tensor:
-        b, n, _ = ns.shape
-        z = torch.einsum("bnd,ndk->bnk", ns, self.weight).view(b, n, self.num_heads, self.dim)
-        z = z.transpose(1, 2)                                                  # [B, H, N, k]
-        dots = z @ z.transpose(-1, -2) / math.sqrt(self.dim)                   # [B, H, N, N]
-        return dots[:, :, self.rows, self.cols].flatten(1)
-
-
 class InteractionHead(nn.Module):
-    """The explicit interactions of a model and their logit read-out.
+    """The explicit interactions of a model and their logit addend.
 
     Args:
-        pair_attention: a ``PairTargetAttention`` or None.
-        token_dot: a ``TokenDotInteraction`` or None.
-        item_span: ``(start, end)`` of the item NS tokens (the pair attention's target).
-        d_model: ``D`` (hidden width of the read-out).
-        action_num: logits.
+        layout: the feature layout.
+        cfg: architecture flags (``use_field_cross``, ``use_pair_target_attn`` and theirs).
 
-    Shape: ``Batch``, ns ``[B, N_ns, D]`` -> ``[B, action_num]``.
+    Shape: ``Batch``, user field embeddings ``[B, U_int, E]``, item field embeddings
+        ``[B, I_int, E]`` (the NS tokenizers' ``NSFeatureEmbedding`` outputs) ->
+        ``[B, action_num]``.
     """
 
-    def __init__(self, pair_attention: Optional[PairTargetAttention],
-                 token_dot: Optional[TokenDotInteraction], item_span: Tuple[int, int],
-                 d_model: int, action_num: int):
+    def __init__(self, layout: FeatureLayout, cfg: ModelConfig):
         super().__init__()
-        if pair_attention is None and token_dot is None:
+        e = cfg.emb_dim
+        self.user_dense: Optional[DenseFields] = None
+        self.item_dense: Optional[DenseFields] = None
+        self.field_cross: Optional[FieldCross] = None
+        self.pair_attention: Optional[PairTargetAttention] = None
+        self.pair_readout: Optional[nn.Sequential] = None
+        if cfg.use_field_cross:
+            user_groups = dense_field_groups(layout.user_dense, cfg.use_pair_62_66)
+            item_groups = dense_field_groups(layout.item_dense, False)
+            self.user_dense = DenseFields(user_groups, e) if user_groups else None
+            self.item_dense = DenseFields(item_groups, e) if item_groups else None
+            self.field_cross = FieldCross(len(layout.user_int) + len(user_groups),
+                                          len(layout.item_int) + len(item_groups), e,
+                                          cfg.field_cross_heads, cfg.field_cross_dim,
+                                          cfg.action_num)
+        if cfg.use_pair_target_attn:
+            heads = cfg.pair_attn_heads
+            self.pair_attention = PairTargetAttention(
+                layout.pairs, len(layout.item_int) * e, e, heads,
+                max(1, cfg.d_model // max(heads, 1)))
+            width = self.pair_attention.num_features
+            self.pair_readout = nn.Sequential(nn.Linear(width, cfg.d_model), nn.SiLU(),
+                                              nn.Linear(cfg.d_model, cfg.action_num))
+            nn.init.zeros_(self.pair_readout[-1].weight)
+            nn.init.zeros_(self.pair_readout[-1].bias)
+        if self.field_cross is None and self.pair_attention is None:
             raise ValueError("InteractionHead needs at least one interaction")
-        self.pair_attention, self.token_dot, self.item_span = pair_attention, token_dot, item_span
-        width = sum(m.num_features for m in (pair_attention, token_dot) if m is not None)
-        self.readout = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, d_model), nn.SiLU(),
-                                     nn.Linear(d_model, action_num))
-        nn.init.zeros_(self.readout[-1].weight)
-        nn.init.zeros_(self.readout[-1].bias)
 
-    def forward(self, batch: Batch, ns: torch.Tensor) -> torch.Tensor:
-        feats = []
+    def forward(self, batch: Batch, user_emb: torch.Tensor, item_emb: torch.Tensor
+                ) -> torch.Tensor:
+        out = 0.0
+        if self.field_cross is not None:
+            user, item = [user_emb], [item_emb]
+            if self.user_dense is not None:
+                user.append(self.user_dense(batch.user_dense).to(user_emb.dtype))
+            if self.item_dense is not None:
+                item.append(self.item_dense(batch.item_dense).to(item_emb.dtype))
+            out = out + self.field_cross(torch.cat(user, dim=1), torch.cat(item, dim=1))
         if self.pair_attention is not None:
-            target = ns[:, self.item_span[0]:self.item_span[1]].flatten(1)
-            feats.append(self.pair_attention(batch.user_int, batch.user_dense, target))
-        if self.token_dot is not None:
-            feats.append(self.token_dot(ns))
-        return self.readout(torch.cat(feats, dim=-1))
+            feats = self.pair_attention(batch.user_int, batch.user_dense, item_emb.flatten(1))
+            out = out + self.pair_readout(feats)
+        return out
 
 
-def build_interaction_head(cfg: ModelConfig, layout: FeatureLayout,
-                           item_span: Tuple[int, int], num_ns: int) -> Optional[InteractionHead]:
+def build_interaction_head(cfg: ModelConfig, layout: FeatureLayout
+                           ) -> Optional[InteractionHead]:
     """The model's ``InteractionHead`` for ``cfg``, or None when every interaction is off."""
-    pair = token_dot = None
-    if cfg.use_pair_target_attn:
-        if item_span[0] == item_span[1]:
-            raise ValueError("use_pair_target_attn needs at least one item NS token")
-        heads = cfg.pair_attn_heads
-        pair = PairTargetAttention(layout.pairs, (item_span[1] - item_span[0]) * cfg.d_model,
-                                   cfg.emb_dim, heads, max(1, cfg.d_model // max(heads, 1)))
-    if cfg.use_ns_dot_interaction:
-        token_dot = TokenDotInteraction(num_ns, cfg.d_model, cfg.ns_dot_heads, cfg.ns_dot_dim)
-    if pair is None and token_dot is None:
+    if not (cfg.use_field_cross or cfg.use_pair_target_attn):
         return None
-    return InteractionHead(pair, token_dot, item_span, cfg.d_model, cfg.action_num)
+    return InteractionHead(layout, cfg)

@@ -69,6 +69,44 @@ def make_table(vocab_size: int, emb_dim: int) -> nn.Embedding:
     return table
 
 
+class IdAdmission(nn.Module):
+    """Frequency admission of one table's ids (``--emb_min_count``): an id seen fewer than
+    ``min_count`` times while counting is on (the first training epoch) is looked up in the
+    out-of-vocabulary row ``vocab_size``, which all rare ids share, instead of a row of its
+    own that a few rows would memorise. Padding (0) stays 0.
+
+    The counts are a buffer (they travel in the checkpoint, so inference admits the same
+    ids); they grow in training mode while ``counting`` is set, before the lookup, so an id
+    gets its own row from its ``min_count``-th sighting on. ``PCVRHyFormer.stop_counting_ids``
+    clears ``counting`` (the trainer calls it after the first epoch, so that later passes
+    over the same rows do not admit ids that are rare in the data).
+
+    Shape: int ids of any shape -> the same shape.
+    """
+
+    def __init__(self, vocab_size: int, min_count: int):
+        super().__init__()
+        self.oov, self.min_count = vocab_size, min_count
+        self.counting = True
+        self.register_buffer("counts", torch.zeros(vocab_size + 1, dtype=torch.int32))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.training and self.counting:
+            flat = ids.reshape(-1).long()
+            self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        rare = self.counts[ids.long()] < self.min_count
+        return torch.where(rare & (ids != 0), torch.full_like(ids, self.oov), ids)
+
+
+def admissions(min_count: int, specs: Sequence[FeatureSpec], tables: nn.ModuleDict
+               ) -> Optional[nn.ModuleDict]:
+    """One ``IdAdmission`` per table of ``tables`` (keyed like it), or None when off."""
+    if min_count <= 0:
+        return None
+    vocab = {str(s.fid): s.vocab_size for s in specs}
+    return nn.ModuleDict({key: IdAdmission(vocab[key], min_count) for key in tables})
+
+
 def set_sparse_grads(module: nn.Module, enabled: bool) -> int:
     """Sets whether the tables of more than ``DENSE_GRAD_MAX_ROWS`` rows under ``module`` have
     sparse gradients (``make_table``'s default) or dense ones; returns how many tables that is.
@@ -121,7 +159,7 @@ class NSFeatureEmbedding(nn.Module):
 
     def __init__(self, specs: Sequence[FeatureSpec], emb_dim: int, skip_threshold: int,
                  pair_dense: Optional[Mapping[int, FeatureSpec]] = None,
-                 pair_pooling: str = "sum"):
+                 pair_pooling: str = "sum", min_count: int = 0):
         super().__init__()
         if pair_pooling not in ("mean", "sum"):
             raise ValueError(f"pair_pooling must be 'mean' or 'sum', got {pair_pooling!r}")
@@ -132,6 +170,7 @@ class NSFeatureEmbedding(nn.Module):
         self.tables = nn.ModuleDict({str(s.fid): make_table(s.vocab_size, emb_dim)
                                      for s in self.specs
                                      if has_table(s.vocab_size, skip_threshold)})
+        self.admission = admissions(min_count, self.specs, self.tables)
         fids = {s.fid: s for s in self.specs}
         for fid, dense in self.pair_dense.items():
             if fid not in fids:
@@ -174,6 +213,8 @@ class NSFeatureEmbedding(nn.Module):
                 continue
             table = self.tables[str(s.fid)]
             x = ids[:, s.offset:s.offset + s.length]
+            if self.admission is not None:
+                x = self.admission[str(s.fid)](x)
             pair = self.pair_dense.get(s.fid)
             if pair is None:
                 out.append(F.embedding_bag(x, table.weight, mode="mean", padding_idx=0,
@@ -393,7 +434,7 @@ class SequenceTokenizer(nn.Module):
     """
 
     def __init__(self, domain: SeqDomainSpec, emb_dim: int, d_model: int, skip_threshold: int,
-                 id_threshold: int, id_dropout: float):
+                 id_threshold: int, id_dropout: float, min_count: int = 0):
         super().__init__()
         live = [s for s in domain.side if has_table(s.vocab_size, skip_threshold)]
         if not live:
@@ -401,6 +442,7 @@ class SequenceTokenizer(nn.Module):
                              f"skipped by emb_skip_threshold {skip_threshold}")
         self.tables = nn.ModuleDict({str(s.fid): make_table(s.vocab_size, emb_dim)
                                      for s in live})
+        self.admission = admissions(min_count, live, self.tables)
         self.features: List[Tuple[int, str, bool]] = [  # (F-axis index, table key, is id)
             (s.offset, str(s.fid), s.vocab_size > id_threshold) for s in live]
         self.id_dropout = Dropout(id_dropout)
@@ -411,6 +453,9 @@ class SequenceTokenizer(nn.Module):
         dtype = compute_dtype(self.proj.weight)
         parts = []
         for index, key, is_id in self.features:
-            e = self.tables[key](ids[:, index]).to(dtype)
+            x = ids[:, index]
+            if self.admission is not None:
+                x = self.admission[key](x)
+            e = self.tables[key](x).to(dtype)
             parts.append(self.id_dropout(e) if is_id else e)
         return F.gelu(self.norm(self.proj(torch.cat(parts, dim=-1))))

@@ -4,7 +4,7 @@ touched), each with a ``LambdaLR`` schedule."""
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -41,12 +41,26 @@ def dense_adamw(params: List[torch.nn.Parameter], tc: TrainConfig) -> torch.opti
     where every parameter is on a CUDA or CPU device and torch has it, else torch's default
     (foreach on accelerators, a loop on the CPU)."""
     kwargs = dict(lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
-    if params and {p.device.type for p in params} <= {"cuda", "cpu"}:
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if flat and {p.device.type for p in flat} <= {"cuda", "cpu"}:
         try:
             return torch.optim.AdamW(params, fused=True, **kwargs)
         except (RuntimeError, ValueError):  # an older torch or an unsupported dtype
             pass
     return torch.optim.AdamW(params, **kwargs)
+
+
+def dense_groups(model: RankingModel, tc: TrainConfig) -> List[Any]:
+    """The dense parameters, or, with ``--interaction_lr``, two AdamW groups: the explicit
+    interactions' (``model.interactions``, pcvr/model/interactions.py) at that rate, the
+    rest at ``--lr``."""
+    params = list(model.dense_parameters())
+    side = getattr(model, "interactions", None)
+    if tc.interaction_lr <= 0 or side is None:
+        return params
+    own = {id(p) for p in side.parameters()}
+    return [{"params": [p for p in params if id(p) not in own]},
+            {"params": [p for p in params if id(p) in own], "lr": tc.interaction_lr}]
 
 
 def build_optimizers(model: RankingModel, tc: TrainConfig, epoch_steps: Optional[int]
@@ -64,7 +78,7 @@ def build_optimizers(model: RankingModel, tc: TrainConfig, epoch_steps: Optional
         # batch touched would be a different regulariser, so refuse instead of guessing.
         raise ConfigError("--sparse_weight_decay must be 0: embedding tables use sparse "
                           "gradients, for which Adagrad has no weight decay")
-    dense = dense_adamw(list(model.dense_parameters()), tc)
+    dense = dense_adamw(dense_groups(model, tc), tc)
     sparse_params = model.sparse_parameters()
     # Adagrad builds its sparse updates from coalesced gradients; checking them again on
     # every step costs time, and saying so explicitly keeps torch from warning about it.

@@ -186,6 +186,10 @@ class Trainer:
             self._valid_repairs_logged = True
         use_ema = False
         if self.ema is not None:
+            # buffers are not averaged but may change in training (the id counts of
+            # --emb_min_count): the averaged model reads the current ones
+            for avg, cur in zip(self.ema.module.buffers(), self.model.buffers()):
+                avg.copy_(cur)
             ema_metrics = score(predict(self.ema.module, self.valid_loader, self.device,
                                         desc="valid ema"))
             metrics["auc_ema"] = ema_metrics["auc"]
@@ -422,6 +426,10 @@ class Trainer:
         while True:
             p = self.position
             if p.epoch_done:
+                # --emb_min_count counts ids in the first pass only (idempotent)
+                stop_counting = getattr(self.model, "stop_counting_ids", None)
+                if stop_counting is not None:
+                    stop_counting()
                 if self.stopping.should_stop or p.epoch >= tc.num_epochs:
                     break
                 if 0 < tc.reinit_sparse_after_epoch <= p.epoch < tc.num_epochs:
