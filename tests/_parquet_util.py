@@ -63,6 +63,12 @@ TINY_SCHEMA: Dict[str, Any] = {
     },
 }
 TINY_SEQ_MAX_LENS = "seq_a:3,seq_b:3,seq_c:3,seq_d:3"
+# A model that fits TINY_SCHEMA (N_ns 3, T 7: no full mixer) and trains in about a second.
+TINY_MODEL_FLAGS = ["--d_model", "16", "--emb_dim", "8", "--num_heads", "2", "--num_queries",
+                    "1", "--ns_groups_json", "", "--user_ns_tokens", "1", "--item_ns_tokens",
+                    "1", "--rank_mixer_mode", "none", "--hidden_mult", "1",
+                    "--num_hyformer_blocks", "1", "--seq_max_lens", TINY_SEQ_MAX_LENS,
+                    "--num_workers", "0", "--buffer_batches", "2"]
 
 
 def tiny_table(user_ids: Sequence[int]) -> pa.Table:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from _parquet_util import TINY_SCHEMA, TINY_SEQ_MAX_LENS, tiny_table, write_dataset
+from _parquet_util import TINY_MODEL_FLAGS, TINY_SCHEMA, tiny_table, write_dataset
 from pcvr import checkpoint
 import train
 from pcvr.config import TrainConfig, parse_config
@@ -22,12 +22,8 @@ from pcvr.errors import ConfigError
 from pcvr.evaluation import predict, score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = ["--d_model", "16", "--emb_dim", "8", "--num_heads", "2", "--num_queries", "1",
-       "--ns_groups_json", "", "--user_ns_tokens", "1", "--item_ns_tokens", "1",
-       "--rank_mixer_mode", "none", "--hidden_mult", "1", "--num_hyformer_blocks", "1",
-       "--seq_max_lens", TINY_SEQ_MAX_LENS, "--batch_size", "16", "--num_workers", "0",
-       "--buffer_batches", "2", "--valid_ratio", "0.2", "--num_epochs", "2",
-       "--lr", "0.003", "--seed", "3"]
+RUN = TINY_MODEL_FLAGS + ["--batch_size", "16", "--valid_ratio", "0.2", "--num_epochs", "2",
+                          "--lr", "0.003", "--seed", "3"]
 TIMEOUT = 240  # a hang fails the test instead of the suite
 
 

@@ -18,16 +18,13 @@ import pytest
 
 import infer
 import train
-from _parquet_util import TINY_SCHEMA, TINY_SEQ_MAX_LENS, tiny_table, write_dataset
+from _parquet_util import TINY_MODEL_FLAGS, TINY_SCHEMA, tiny_table, write_dataset
 from pcvr import atomic, checkpoint
 from pcvr.errors import CheckpointError, ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_TRAIN = ["--d_model", "16", "--emb_dim", "8", "--num_heads", "2", "--num_queries", "1",
-              "--ns_groups_json", "", "--user_ns_tokens", "1", "--item_ns_tokens", "1",
-              "--rank_mixer_mode", "none", "--hidden_mult", "1", "--num_hyformer_blocks", "1",
-              "--seq_max_lens", TINY_SEQ_MAX_LENS, "--batch_size", "8", "--num_workers", "0",
-              "--buffer_batches", "2", "--num_epochs", "1", "--valid_ratio", "0.25"]
+TINY_TRAIN = TINY_MODEL_FLAGS + ["--batch_size", "8", "--num_epochs", "1", "--valid_ratio",
+                                 "0.25"]
 ENV_PATHS = ("TRAIN_DATA_PATH", "TRAIN_CKPT_PATH", "TRAIN_LOG_PATH", "TRAIN_TF_EVENTS_PATH")
 
 

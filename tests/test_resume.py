@@ -10,20 +10,16 @@ import pytest
 import torch
 
 import train
-from _parquet_util import TINY_SCHEMA, TINY_SEQ_MAX_LENS, tiny_table, write_dataset
+from _parquet_util import TINY_MODEL_FLAGS, TINY_SCHEMA, tiny_table, write_dataset
 from pcvr import checkpoint
 from pcvr.errors import CheckpointError, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # EMA from the first epoch and the sparse re-initialisation between epochs: every piece of
 # state a resume must restore is in play.
-RUN = ["--d_model", "16", "--emb_dim", "8", "--num_heads", "2", "--num_queries", "1",
-       "--ns_groups_json", "", "--user_ns_tokens", "1", "--item_ns_tokens", "1",
-       "--rank_mixer_mode", "none", "--hidden_mult", "1", "--num_hyformer_blocks", "1",
-       "--seq_max_lens", TINY_SEQ_MAX_LENS, "--batch_size", "8", "--num_workers", "0",
-       "--buffer_batches", "2", "--valid_ratio", "0.2", "--num_epochs", "3",
-       "--ema_decay", "0.9", "--ema_start_epoch", "1", "--save_every_n_steps", "3",
-       "--dropout_rate", "0.1", "--seed", "5"]
+BASE = TINY_MODEL_FLAGS + ["--batch_size", "8", "--valid_ratio", "0.2", "--num_epochs", "3"]
+RUN = BASE + ["--ema_decay", "0.9", "--ema_start_epoch", "1", "--save_every_n_steps", "3",
+              "--dropout_rate", "0.1", "--seed", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +89,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(data, tmp_path
 
 
 def test_keep_last_prunes_all_but_the_newest_and_the_best(data, tmp_path):
-    result = train.main(RUN[:-10] + ["--num_epochs", "2", "--save_every_n_steps", "7",
+    result = train.main(BASE + ["--num_epochs", "2", "--save_every_n_steps", "7",
                                      "--keep_last", "2", "--data_dir", str(data),
                                      "--ckpt_dir", str(tmp_path / "ck")])
     names = sorted(os.listdir(tmp_path / "ck"))
@@ -107,7 +103,7 @@ def test_keep_last_prunes_all_but_the_newest_and_the_best(data, tmp_path):
 
 
 def test_bad_resumes_are_clear_errors(data, tmp_path):
-    base = RUN[:-10] + ["--num_epochs", "1", "--data_dir", str(data)]
+    base = BASE + ["--num_epochs", "1", "--data_dir", str(data)]
     with pytest.raises(CheckpointError, match="no such checkpoint folder to resume from"):
         train.main(base + ["--ckpt_dir", str(tmp_path / "a"), "--resume",
                            str(tmp_path / "nothing")])
