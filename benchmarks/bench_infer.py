@@ -44,8 +44,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seq_len_scale", type=float, default=1.0)
-    parser.add_argument("--forward_batches", type=int, default=4,
-                        help="batches timed by the forward-only pass")
+    parser.add_argument("--forward_batches", type=int, default=8,
+                        help="batches timed by the forward-only pass (before and again after "
+                             "the end-to-end pass; the mean of the two counts)")
     parser.add_argument("--device", default="cpu",
                         help="device of the forward-only pass (end to end, infer.py takes "
                              "CUDA when it is available)")
@@ -69,31 +70,33 @@ def main() -> None:
         if len(batches) == args.forward_batches + 1:
             break
     predict = model.predict
-    with torch.inference_mode():
-        gflop = count_flops(lambda: predict(batches[0]))["total"] / args.batch_size / 1e9
-        predict(batches[0])  # warm-up
+
+    @torch.inference_mode()
+    def forward_rows_per_s() -> float:
         sync(device)
         t0 = time.perf_counter()
         for b in batches[1:]:
             predict(b)
         sync(device)
-        forward_s = time.perf_counter() - t0
+        return args.batch_size * (len(batches) - 1) / (time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        gflop = count_flops(lambda: predict(batches[0]))["total"] / args.batch_size / 1e9
+        predict(batches[0])  # warm-up
         if args.profile:
             print(profile_table(lambda: predict(batches[1]), rows=args.profile),
                   flush=True)
-    forward_rps = args.batch_size * (len(batches) - 1) / forward_s
+    forward_rps = [forward_rows_per_s()]
     peak = matmul_gflops(torch.float32, n=8192 if device.type == "cuda" else 2048,
                          device=device.type)
     ceiling = peak / gflop
     print(f"forward {gflop:.3f} GFLOP/row (matrix products and attention); float32 matrix "
-          f"products {peak:.0f} GFLOP/s here; forward only {forward_rps:.1f} rows/s "
-          f"({len(batches) - 1} batches of {args.batch_size})", flush=True)
+          f"products {peak:.0f} GFLOP/s here", flush=True)
 
     with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".demo_data")) as tmp:
         ckpt = os.path.join(tmp, "global_step0.bench")
         checkpoint.save(ckpt, model.state_dict(), cfg, raw_schema, {},
                         checkpoint.CheckpointMeta())
-        model = predict = None  # only the checkpoint on disk is used below
         t0 = time.perf_counter()
         checkpoint.load_model(checkpoint.read(ckpt))
         load_s = time.perf_counter() - t0
@@ -103,6 +106,10 @@ def main() -> None:
         n = len(json.load(open(os.path.join(tmp, "out", "predictions.json")))["predictions"])
     assert n == pred.user_id.size
     rps = n / elapsed
+    forward_rps.append(forward_rows_per_s())
+    print(f"forward only: {forward_rps[0]:.1f} rows/s before the end-to-end pass, "
+          f"{forward_rps[1]:.1f} after ({len(batches) - 1} batches of {args.batch_size})")
+    forward_rps = sum(forward_rps) / len(forward_rps)
     print(f"end to end: {n} rows in {elapsed:.2f} s (model rebuild and load included), batch "
           f"{args.batch_size}, {args.num_workers} workers, threads {torch.get_num_threads()}; "
           f"model rebuild and load alone {load_s:.2f} s, without it "

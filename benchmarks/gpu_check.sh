@@ -27,7 +27,7 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ "$DEVICE" == cpu ]]; then
   export CUDA_VISIBLE_DEVICES=""  # infer.py and the tests take CUDA whenever they see it
-  STEPS=6; WARMUP=2; TRAIN_TIMEOUT=300; INFER_ROWS=2048
+  STEPS=4; WARMUP=1; TRAIN_TIMEOUT=360; INFER_ROWS=2048
 else
   STEPS=30; WARMUP=5; TRAIN_TIMEOUT=150; INFER_ROWS=8192
 fi
