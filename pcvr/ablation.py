@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from pcvr.config import PROJECT_DIR, parse_config
+from pcvr.config import PROJECT_DIR, parse_config, to_flat_dict
 
 TRAIN_PY = os.path.join(PROJECT_DIR, "train.py")
 INFER_PY = os.path.join(PROJECT_DIR, "infer.py")
@@ -336,13 +336,33 @@ def plan_cells(variants: Sequence[Variant], st: Settings) -> List[Cell]:
         for v in variants:
             flags = tuple(st.base_flags) + tuple(v.flags) + ("--seed", str(seed))
             key = hashlib.sha1(json.dumps(
-                [list(flags), os.path.abspath(st.data_dir), data_fp,
+                [v.name, resolved_config(flags, st.data_dir), data_fp,
                  os.path.abspath(st.eval_dir) if st.eval_dir else "", eval_fp]
             ).encode()).hexdigest()[:12]
             cells.append(Cell(v, seed, flags, key,
                               os.path.join(st.work_dir, "cells",
                                            f"{_slug(v.name)}.s{seed}.{key}")))
     return cells
+
+
+# Flags that say where a cell's files go, not what it trains.
+_PATH_FLAGS = ("ckpt_dir", "log_dir", "tf_events_dir", "num_workers", "resume")
+
+
+def resolved_config(flags: Sequence[str], data_dir: str) -> Any:
+    """What a cell trains, for its cache key: every flag's value after the presets (so a
+    changed preset does not reuse a stale cell), or the flags themselves when they do not
+    parse (that cell is reported, never cached)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            # the runner's --data_dir first: a variant's own --data_dir wins, as in run_cell
+            cfg = parse_config(["--data_dir", data_dir] + list(flags), environ={})
+    except (SystemExit, Exception):  # noqa: BLE001 - reported by check_flags
+        return list(flags)
+    flat = to_flat_dict(cfg)
+    flat["data_dir"] = os.path.abspath(str(flat.get("data_dir") or data_dir))
+    return {k: v for k, v in sorted(flat.items()) if k not in _PATH_FLAGS}
 
 
 def check_flags(flags: Sequence[str]) -> Optional[str]:

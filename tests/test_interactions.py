@@ -126,3 +126,49 @@ def test_emb_min_count_model_counts_in_training_and_keeps_the_counts_in_its_stat
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()
                if k.endswith("counts"))
     assert not any(k.endswith("counts") for k in make_model(make_cfg()).state_dict())
+
+
+def test_min_train_samples_raises_the_epochs_of_small_data_only():
+    from pcvr.config import parse_config
+    from pcvr.training.trainer import Trainer
+
+    class Loader(list):
+        num_rows = 40
+
+    model = make_model(make_cfg())
+    for samples, epochs in ((0, 1), (30, 1), (100, 3), (400, 10)):
+        cfg = parse_config(["--num_epochs", "1", "--min_train_samples", str(samples),
+                            "--lr_schedule", "cosine"], environ={})
+        trainer = Trainer(model, cfg, Loader(), None, torch.device("cpu"))
+        assert trainer.tc.num_epochs == epochs
+
+
+def test_swa_is_the_equal_weight_average_of_every_kth_step():
+    from pcvr.training.swa import ModelSWA
+    net = torch.nn.Linear(1, 1, bias=False)
+    swa = ModelSWA(net, every=2)
+    for v in (1.0, 2.0, 3.0, 4.0, 5.0):
+        with torch.no_grad():
+            net.weight.fill_(v)
+        swa.update(net)
+    assert swa.updates == 3 and float(swa.module.weight) == pytest.approx(3.0)  # (1+3+5)/3
+
+
+def test_swa_takes_the_averaging_slot_from_its_step_on():
+    from pcvr.config import parse_config
+    from pcvr.training.trainer import Trainer
+
+    class Loader(list):
+        num_rows = 40
+
+    model = make_model(make_cfg())
+    cfg = parse_config(["--num_epochs", "1", "--batch_size", "4", "--swa_start_frac", "0.5",
+                        "--swa_every_n_steps", "1"], environ={})
+    trainer = Trainer(model, cfg, Loader(), None, torch.device("cpu"))
+    assert trainer.swa_start == 5
+    batch = make_batch()
+    for step in range(7):
+        trainer.train_step(batch)
+        trainer.global_step += 1
+        assert (trainer.ema is not None) == (step + 1 >= 5)
+    assert trainer.ema.updates == 3

@@ -30,7 +30,7 @@ from pcvr.batch import Batch
 from pcvr.checkpoint import CheckpointMeta, CheckpointWriter
 from pcvr.config import Config
 from pcvr.data.convert import DataStats
-from pcvr.errors import DataError
+from pcvr.errors import ConfigError, DataError
 from pcvr.evaluation import predict, score
 from pcvr.model.outputs import RankingModel
 from pcvr.progress import Progress
@@ -40,6 +40,7 @@ from pcvr.training.losses import training_loss
 from pcvr.training.optim import build_optimizers
 from pcvr.training.reporting import MetricsWriter, fmt_metrics
 from pcvr.training.state import Position, rng_state, set_rng_state
+from pcvr.training.swa import ModelSWA
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,12 @@ class Trainer:
         self.train_loader, self.valid_loader, self.device = train_loader, valid_loader, device
         self.checkpoints, self.writer = checkpoints, writer
         rows = getattr(train_loader, "num_rows", None)
+        if rows and self.tc.min_train_samples > rows * self.tc.num_epochs:
+            # --min_train_samples: small data gets more passes (recorded in train_config.json)
+            epochs = math.ceil(self.tc.min_train_samples / rows)
+            log.info("min_train_samples %d: %d training rows, num_epochs %d -> %d",
+                     self.tc.min_train_samples, rows, self.tc.num_epochs, epochs)
+            self.tc.num_epochs = epochs
         epoch_steps = None if rows is None else max(1, math.ceil(rows / self.tc.batch_size))
         self.dense_params = list(model.dense_parameters())
         self.dense_opt, self.sparse_opt, self.schedulers = build_optimizers(
@@ -127,6 +134,13 @@ class Trainer:
         self.forward = training_forward(model, device, self.tc.compile,
                                         self.tc.seq_pad_multiple)
         self.ema: Optional[ModelEMA] = None
+        # --swa_start_frac: the step from which ModelSWA holds the averaging slot (or None)
+        self.swa_start: Optional[int] = None
+        if self.tc.swa_start_frac > 0:
+            if epoch_steps is None or self.tc.ema_decay > 0:
+                raise ConfigError("--swa_start_frac needs a loader that knows its rows and "
+                                  "--ema_decay 0 (SWA takes the EMA's place)")
+            self.swa_start = int(self.tc.swa_start_frac * self.tc.num_epochs * epoch_steps)
         self.global_step = 0
         self.position = Position()
         self.stopping = EarlyStopping(self.tc.patience)
@@ -162,6 +176,11 @@ class Trainer:
             self.sparse_opt.step()
         for scheduler in self.schedulers:
             scheduler.step()
+        if self.ema is None and self.swa_start is not None \
+                and self.global_step + 1 >= self.swa_start:
+            self.ema = ModelSWA(self.model, self.tc.swa_every_n_steps)
+            log.info("SWA started at step %d (one step in %d)", self.global_step + 1,
+                     self.tc.swa_every_n_steps)
         if self.ema is not None:
             self.ema.update(self.model)
         parts["loss/total"] = total.detach()
@@ -302,7 +321,8 @@ class Trainer:
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         if state["ema"] is not None:
-            self.ema = ModelEMA(self.model, self.tc.ema_decay)
+            self.ema = (ModelSWA(self.model, self.tc.swa_every_n_steps)
+                        if self.swa_start is not None else ModelEMA(self.model, self.tc.ema_decay))
             self.ema.load_state_dict({"updates": state["ema"]["updates"],
                                       "module": saved_weights if weights_are_ema
                                       else state["ema"]["module"]})
