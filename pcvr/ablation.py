@@ -91,12 +91,16 @@ EXPERIMENTAL_ON: Tuple[Variant, ...] = (
     Variant("+randomized_split", ("--randomized_split",), "negative"),
     Variant("+ema", ("--ema_decay", "0.999", "--ema_start_epoch", "1"),
             "'implemented wrong', ~1e-4"),
-    Variant("+pair_target_attn", ("--use_pair_target_attn",), "new (issue 17)"),
-    Variant("+field_cross", ("--use_field_cross",), "new (issue 17)"),
+    # issue 17's options
+    Variant("+swa", ("--swa_start_frac", "0.5"), "new (issue 17)"),
+    Variant("+field_cross", ("--use_field_cross", "--interaction_lr", "3e-3"),
+            "new (issue 17)"),
+    Variant("+pair_target_attn", ("--use_pair_target_attn", "--interaction_lr", "3e-3"),
+            "new (issue 17)"),
+    Variant("recommended", ("--preset", "recommended"), "new (issue 17): both of the above"),
 )
 DEFAULT_VARIANTS: Tuple[Variant, ...] = (BASE,) + SEED_FEATURES_OFF + EXPERIMENTAL_ON
-QUICK_VARIANTS: Tuple[Variant, ...] = (
-    BASE, SEED_FEATURES_OFF[2], Variant("+pair_target_attn", ("--use_pair_target_attn",)))
+QUICK_VARIANTS: Tuple[Variant, ...] = (BASE, SEED_FEATURES_OFF[2], EXPERIMENTAL_ON[-1])
 
 
 def parse_variant(text: str) -> Variant:

@@ -189,6 +189,12 @@ class ModelConfig:
                                   added_later=True)
     field_cross_dim: int = flag(8, "width of each projection of --use_field_cross",
                                 added_later=True)
+    use_history_fields: bool = flag(False, "with --use_field_cross: each history feature's mean "
+                                    "embedding over the kept events is one more user field "
+                                    "(own tables, larger vocabularies hashed into 16,384 "
+                                    "rows)", added_later=True)
+    history_field_dim: int = flag(16, "embedding width of --use_history_fields",
+                                  added_later=True)
     emb_min_count: int = flag(0, "frequency admission: ids seen fewer than this many times in "
                               "the first training epoch share the out-of-vocabulary row of "
                               "their table instead of a row of their own (0 = off)",

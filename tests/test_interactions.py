@@ -172,3 +172,25 @@ def test_swa_takes_the_averaging_slot_from_its_step_on():
         trainer.global_step += 1
         assert (trainer.ema is not None) == (step + 1 >= 5)
     assert trainer.ema.updates == 3
+
+
+def test_history_fields_are_mean_embeddings_of_the_kept_events():
+    from pcvr.model.interactions import HISTORY_ROWS, HistoryFields
+    fields = HistoryFields(LAYOUT, dim=4)
+    n_side = sum(1 for d in LAYOUT.seq for s in d.side if s.vocab_size > 0)
+    assert fields.num_fields == n_side
+    batch = make_batch(lens={"seq_a": [2, 0, 6, 1]})
+    out = fields(batch)
+    assert out.shape == (4, n_side, 4)
+    dom = LAYOUT.seq[0]
+    table = fields.tables[f"{dom.name}_{dom.side[0].fid}"]
+    ids = batch.seq[dom.name].ids[0, dom.side[0].offset, :2].long()
+    if table.num_embeddings == HISTORY_ROWS:
+        ids = (ids - 1) % (HISTORY_ROWS - 1) + 1
+    torch.testing.assert_close(out[0, 0], table.weight[ids].mean(0))
+    assert out[1, 0].abs().max() == 0            # an empty history gives zeros
+    model = make_model(make_cfg(use_pair_62_66=True, use_field_cross=True,
+                                use_history_fields=True, history_field_dim=4))
+    model(make_batch()).logits.sum().backward()
+    with pytest.raises(Exception, match="use_field_cross"):
+        make_model(make_cfg(use_history_fields=True))

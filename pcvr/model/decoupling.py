@@ -150,10 +150,13 @@ class DecoupledOutput(NamedTuple):
 
 
 def first_occurrences(x: torch.Tensor) -> torch.Tensor:
-    """Indices of the first row of each distinct row of ``x [B, D]``, in row order: ``[U]``."""
-    _, inverse = torch.unique(x, dim=0, return_inverse=True)
+    """Indices of the first row of each distinct row of ``x [B, D]``, in row order: ``[U]``.
+
+    ``torch.unique`` has a data-dependent size, so on a GPU this synchronises with the host.
+    """
+    distinct, inverse = torch.unique(x, dim=0, return_inverse=True)
     pos = torch.arange(x.shape[0], device=x.device)
-    first = torch.full((int(inverse.max()) + 1,), x.shape[0], dtype=pos.dtype, device=x.device)
+    first = torch.full((distinct.shape[0],), x.shape[0], dtype=pos.dtype, device=x.device)
     return first.scatter_reduce(0, inverse, pos, reduce="amin").sort().values
 
 
@@ -165,8 +168,10 @@ class EntityDecoupler(nn.Module):
     ``unique_entities`` they are computed over the distinct entities of the batch (rows with
     the same atom input count once), so that an entity's weight in the losses does not grow
     with its exposure: in a logged batch popular entities repeat, and without it they
-    dominate the side representations and the stage-1 pull. The
-    representations are shaped by the losses (sides spread uniformly, atoms around their
+    dominate the side representations and the stage-1 pull (off by default: it costs a
+    ``torch.unique``, a host sync on a GPU).
+
+    The representations are shaped by the losses (sides spread uniformly, atoms around their
     side), so a model should score them through its own head (e.g. an MLP over
     ``concat(side, atom)``) rather than by a raw dot product: the log adds a separate ranking
     MLP for the same reason.

@@ -17,6 +17,13 @@ backbone alone):
   list's field is ``sum_p w_p e(id_p)`` (the pair pooling), so its product with the target's
   type field is ``sum_p w_p <e(id_p), e(type)>``: the value of the matching element, once the
   embeddings make ``<e(id), e(type)>`` a match indicator.
+* ``HistoryFields`` (``--use_history_fields``, with the field cross): each side feature of
+  each history domain becomes one more user field, the mean of its embeddings over the
+  row's kept events (own tables of width ``history_field_dim``; ids above
+  ``HISTORY_ROWS`` rows hashed into them). Its product with the target's category field is
+  ``mean_l <e(c_l), e(c)>``: the share of the history in the target's category, once the
+  embeddings make the product a match indicator (a target-aware read of the history that
+  the query-based sequence path learns slowly).
 * ``PairTargetAttention`` (``--use_pair_target_attn``): per paired list and head, each
   element's id is matched against the target item, ``g_p = sigmoid(<q(item), k(id_p)> /
   sqrt(d) + b)``, and the list gives ``sum_p g_p w_p`` and ``sum_p g_p`` (a soft lookup by
@@ -33,10 +40,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pcvr.batch import Batch
 from pcvr.config import ModelConfig
-from pcvr.model.tokens import column_index, make_table, signed_log1p
+from pcvr.model.tokens import (DENSE_GRAD_MAX_ROWS, column_index, init_table_, make_table,
+                               signed_log1p)
 from pcvr.schema import ACTIVITY, PAIRED, FeatureLayout, FeatureSpec
 
 
@@ -70,6 +79,61 @@ def dense_field_groups(specs: Sequence[FeatureSpec], skip_paired: bool
     return groups + ([activity] if activity else [])
 
 
+# Rows of a history-field table; larger vocabularies are hashed into this many.
+HISTORY_ROWS = 16384
+
+
+class HistoryFields(nn.Module):
+    """Each side feature of each history domain -> the mean of its embeddings over the kept
+    events (``F.embedding_bag`` mean over the non-padding ids; an empty history gives 0).
+
+    Ids of a vocabulary above ``HISTORY_ROWS`` rows are folded into them
+    (``(id - 1) % (HISTORY_ROWS - 1) + 1``), so a table never has more than
+    ``HISTORY_ROWS`` rows.
+
+    Args:
+        layout: the feature layout (its sequence domains).
+        dim: embedding width.
+
+    Shape: ``Batch`` -> ``[B, n_fields, dim]`` (domains in layout order, features in schema
+        order).
+    """
+
+    def __init__(self, layout: FeatureLayout, dim: int):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"history_field_dim must be >= 1, got {dim}")
+        self.fields: List[Tuple[str, int, int]] = []  # (domain, F-axis index, vocab)
+        tables = {}
+        for dom in layout.seq:
+            for spec in dom.side:
+                if spec.vocab_size <= 0:
+                    continue
+                rows = min(spec.vocab_size + 1, HISTORY_ROWS)
+                table = nn.Embedding(rows, dim, padding_idx=0,
+                                     sparse=rows > DENSE_GRAD_MAX_ROWS)
+                init_table_(table)
+                tables[f"{dom.name}_{spec.fid}"] = table
+                self.fields.append((dom.name, spec.offset, rows))
+        if not tables:
+            raise ValueError("use_history_fields: the schema's histories have no id feature")
+        self.tables = nn.ModuleDict(tables)
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.fields)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        out = []
+        for (name, index, rows), table in zip(self.fields, self.tables.values()):
+            x = batch.seq[name].ids[:, index].long()
+            if rows == HISTORY_ROWS:  # folded vocabulary (ids stay > 0, padding stays 0)
+                x = torch.where(x > 0, (x - 1) % (HISTORY_ROWS - 1) + 1, x)
+            out.append(F.embedding_bag(x, table.weight, mode="mean", padding_idx=0,
+                                       sparse=table.sparse))
+        return torch.stack(out, dim=1)
+
+
 class FieldCross(nn.Module):
     """Field-weighted user x item dot products.
 
@@ -85,7 +149,7 @@ class FieldCross(nn.Module):
     """
 
     def __init__(self, num_user: int, num_item: int, emb_dim: int, num_heads: int, dim: int,
-                 action_num: int):
+                 action_num: int, num_history: int = 0, history_dim: int = 0):
         super().__init__()
         if num_user < 1 or num_item < 1:
             raise ValueError("use_field_cross needs user and item fields")
@@ -97,13 +161,22 @@ class FieldCross(nn.Module):
                                       * emb_dim ** -0.5)
         self.item_proj = nn.Parameter(torch.randn(num_item, emb_dim, num_heads * dim)
                                       * emb_dim ** -0.5)
-        self.readout = nn.Linear(num_user * num_item * num_heads, action_num)
+        # history fields (their own width) are user fields too
+        self.history_proj = (nn.Parameter(torch.randn(num_history, history_dim,
+                                                      num_heads * dim) * history_dim ** -0.5)
+                             if num_history else None)
+        self.readout = nn.Linear((num_user + num_history) * num_item * num_heads, action_num)
         nn.init.zeros_(self.readout.weight)
         nn.init.zeros_(self.readout.bias)
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+    def forward(self, user: torch.Tensor, item: torch.Tensor,
+                history: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, h, k = user.shape[0], self.num_heads, self.dim
-        zu = torch.einsum("bue,uek->buk", user, self.user_proj).view(b, -1, h, k)
+        zu = torch.einsum("bue,uek->buk", user, self.user_proj)
+        if self.history_proj is not None:
+            zh = torch.einsum("bue,uek->buk", history.to(zu.dtype), self.history_proj)
+            zu = torch.cat([zu, zh], dim=1)
+        zu = zu.view(b, -1, h, k)
         zi = torch.einsum("bie,iek->bik", item, self.item_proj).view(b, -1, h, k)
         dots = torch.einsum("buhk,bihk->buih", zu, zi) / math.sqrt(k)
         return self.readout(dots.flatten(1))
@@ -179,6 +252,7 @@ class InteractionHead(nn.Module):
         self.user_dense: Optional[DenseFields] = None
         self.item_dense: Optional[DenseFields] = None
         self.field_cross: Optional[FieldCross] = None
+        self.history: Optional[HistoryFields] = None
         self.pair_attention: Optional[PairTargetAttention] = None
         self.pair_readout: Optional[nn.Sequential] = None
         if cfg.use_field_cross:
@@ -186,10 +260,14 @@ class InteractionHead(nn.Module):
             item_groups = dense_field_groups(layout.item_dense, False)
             self.user_dense = DenseFields(user_groups, e) if user_groups else None
             self.item_dense = DenseFields(item_groups, e) if item_groups else None
+            self.history = (HistoryFields(layout, cfg.history_field_dim)
+                            if cfg.use_history_fields else None)
             self.field_cross = FieldCross(len(layout.user_int) + len(user_groups),
                                           len(layout.item_int) + len(item_groups), e,
                                           cfg.field_cross_heads, cfg.field_cross_dim,
-                                          cfg.action_num)
+                                          cfg.action_num,
+                                          self.history.num_fields if self.history else 0,
+                                          cfg.history_field_dim)
         if cfg.use_pair_target_attn:
             heads = cfg.pair_attn_heads
             self.pair_attention = PairTargetAttention(
@@ -212,7 +290,9 @@ class InteractionHead(nn.Module):
                 user.append(self.user_dense(batch.user_dense).to(user_emb.dtype))
             if self.item_dense is not None:
                 item.append(self.item_dense(batch.item_dense).to(item_emb.dtype))
-            out = out + self.field_cross(torch.cat(user, dim=1), torch.cat(item, dim=1))
+            history = self.history(batch) if self.history is not None else None
+            out = out + self.field_cross(torch.cat(user, dim=1), torch.cat(item, dim=1),
+                                         history)
         if self.pair_attention is not None:
             feats = self.pair_attention(batch.user_int, batch.user_dense, item_emb.flatten(1))
             out = out + self.pair_readout(feats)
@@ -222,6 +302,8 @@ class InteractionHead(nn.Module):
 def build_interaction_head(cfg: ModelConfig, layout: FeatureLayout
                            ) -> Optional[InteractionHead]:
     """The model's ``InteractionHead`` for ``cfg``, or None when every interaction is off."""
+    if cfg.use_history_fields and not cfg.use_field_cross:
+        raise ValueError("use_history_fields adds fields to --use_field_cross; turn it on")
     if not (cfg.use_field_cross or cfg.use_pair_target_attn):
         return None
     return InteractionHead(layout, cfg)
