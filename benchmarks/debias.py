@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tuned hyper-parameters (JSON, written by --tune); missing = every "
                         "row at its defaults")
     p.add_argument("--seeds", type=int, default=5,
-                   help="seeds 0..N-1 per row (Coat and the main simulator table)")
+                   help="seeds 0..N-1 per row (Coat and the main simulator table); 0 with "
+                        "--tune = tune only")
     p.add_argument("--sweep_seeds", type=int, default=5,
                    help="seeds per row at the other --skews values")
     p.add_argument("--skews", default="0,0.5,1,1.5,2",
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune_rows", default="",
                    help="comma list: tune only these rows, keeping the others' entries of "
                         "--params (default: every row)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --tune: reuse the trials of --params that draw the same "
+                        "hyper-parameters (e.g. to extend every row to more --trials)")
     p.add_argument("--tune_seeds", default="100,101",
                    help="seeds each trial is trained from (mean validation NDCG@5)")
     p.add_argument("--plot", default=None, help="write the NDCG-vs-bias PNG here")
@@ -111,22 +115,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[ex.RunRes
         return simulate(dataclasses.replace(sim_cfg, popularity_skew=alpha))[0]
 
     if args.tune:
-        tune_seeds = [int(s) for s in args.tune_seeds.split(",")]
-        keys = set(args.tune_rows.split(",")) if args.tune_rows else None
-        tuned, records, _ = (ex.load_tuning(args.params)
-                             if keys and os.path.isfile(args.params) else ({}, {}, {}))
-        for name, data, rows in (("coat", coat, ex.COAT_ROWS),
-                                 ("sim", sim_at(args.main_skew), ex.SIM_ROWS)):
-            rows = [r for r in rows if keys is None or r.key in keys]
-            best, recs = ex.tune(data, rows, args.trials, tune_seeds, log=log,
-                                 max_epochs=args.max_epochs)
-            tuned.setdefault(name, {}).update(best)
-            records[name] = [r for r in records.get(name, []) if r["row"] not in best] + recs
-        ex.save_params(args.params, tuned, {"trials_per_row": args.trials,
-                                            "seeds_per_trial": tune_seeds,
-                                            "metric": "validation NDCG@5",
-                                            "main_skew": args.main_skew}, records)
+        try:
+            ex.tune_into(args.params, [("coat", coat, ex.COAT_ROWS),
+                                       ("sim", sim_at(args.main_skew), ex.SIM_ROWS)],
+                         args.trials, [int(s) for s in args.tune_seeds.split(",")],
+                         only=[k for k in args.tune_rows.split(",") if k], resume=args.resume,
+                         max_epochs=args.max_epochs, note={"main_skew": args.main_skew},
+                         log=log)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from e
         log(f"# tuned in {time.time() - t0:.0f}s; wrote {args.params}")
+        if args.seeds <= 0:
+            return {}
     if os.path.isfile(args.params):
         params = ex.load_params(args.params)
     else:

@@ -381,6 +381,34 @@ def test_tune_picks_the_best_trial_and_params_round_trip(tmp_path):
     path = tmp_path / "p.json"
     ex.save_params(str(path), {"sim": best}, {"trials_per_row": 3}, {"sim": records})
     assert ex.load_params(str(path)) == {"sim": best}
+    # Extending the search reuses the trials whose params are drawn again, and only those.
+    _, recs = ex.load_tuning(str(path))[:2]
+    forged = dict(recs["sim"][0], settings=dict(recs["sim"][0]["settings"], lr=0.123))
+    _, more = ex.tune(data, rows[:1], trials=4, seeds=[0], max_epochs=1,
+                      previous=[forged] + recs["sim"][1:])
+    assert more[1:3] == recs["sim"][1:3]  # reused as they were
+    assert more[0] == recs["sim"][0]  # the forged one was trained again (deterministically)
+    assert [r["trial"] for r in more] == [0, 1, 2, 3]
+
+
+def test_tune_into_merges_and_resumes(tmp_path):
+    data, _ = simulate(TINY_SIM)
+    rows = [r for r in ex.SIM_ROWS if r.key in ("mf", "mf_ips")]
+    path = str(tmp_path / "p.json")
+    ex.tune_into(path, [("sim", data, rows)], 2, [0], max_epochs=1, note={"x": 1})
+    params, trials, budget = ex.load_tuning(path)
+    assert set(params["sim"]) == {"mf", "mf_ips"} and len(trials["sim"]) == 4
+    assert budget == {"trials_per_row": 2, "seeds_per_trial": [0],
+                      "metric": "validation NDCG@5", "x": 1}
+    # One row extended to 3 trials: its 2 old trials reused, the other row left as it was.
+    ex.tune_into(path, [("sim", data, rows)], 3, [0], only=["mf"], resume=True, max_epochs=1)
+    params2, trials2, _ = ex.load_tuning(path)
+    assert params2["sim"]["mf_ips"] == params["sim"]["mf_ips"]
+    mf = [t for t in trials2["sim"] if t["row"] == "mf"]
+    assert [t["trial"] for t in mf] == [0, 1, 2]
+    assert mf[:2] == [t for t in trials["sim"] if t["row"] == "mf"]
+    with pytest.raises(ValueError, match="needs its seeds"):
+        ex.tune_into(path, [("sim", data, rows)], 3, [1], resume=True, max_epochs=1)
 
 
 def fake_results(means: dict, std: float = 0.01) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -141,22 +142,33 @@ Log = Callable[[str], None]
 
 
 def tune(data: RatingData, rows: Sequence[Row], trials: int, seeds: Sequence[int],
-         metric: str = "ndcg5", log: Optional[Log] = None, max_epochs: int = 0
+         metric: str = "ndcg5", log: Optional[Log] = None, max_epochs: int = 0,
+         previous: Sequence[Dict[str, Any]] = ()
          ) -> Tuple[Dict[str, Params], List[Dict[str, Any]]]:
     """Equal-budget random search: ``trials`` draws per row, each trained from every seed in
     ``seeds`` and scored by the mean ``metric`` on ``data.evals['valid']`` (``max_epochs``:
     ``cap_epochs``, for smoke runs).
 
+    ``previous``: records of an earlier search with the same seeds; a trial whose record
+    holds exactly the params drawn now is not trained again (so a search can be extended to
+    more trials, every row alike).
+
     Returns:
         (the best ``Params`` of each row, one record per trial for the report).
     """
     valid = {"valid": data.evals["valid"]}
+    done = {(r["row"], r["trial"]): r for r in previous}
     best: Dict[str, Params] = {}
     records: List[Dict[str, Any]] = []
     for row in rows:
         scores = []
         for t in range(trials):
             p = cap_epochs(draw_trial(row, t), max_epochs)
+            old = done.get((row.key, t))
+            if old is not None and Params.from_json(old) == p:
+                scores.append(float(old[metric]))
+                records.append(old)
+                continue
             values = [run_pointwise(data, p.settings, p.config(), s, valid)["valid"][metric]
                       for s in seeds]
             scores.append(float(np.mean(values)))
@@ -165,6 +177,36 @@ def tune(data: RatingData, rows: Sequence[Row], trials: int, seeds: Sequence[int
                 log(f"tune {row.key} trial {t}: valid {metric} {scores[-1]:.4f}")
         best[row.key] = cap_epochs(draw_trial(row, int(np.argmax(scores))), max_epochs)
     return best, records
+
+
+def tune_into(path: str, datasets: Sequence[Tuple[str, RatingData, Sequence[Row]]],
+              trials: int, seeds: Sequence[int], only: Sequence[str] = (), resume: bool = False,
+              max_epochs: int = 0, note: Optional[Dict[str, Any]] = None,
+              log: Optional[Log] = None) -> None:
+    """``tune`` every ``(name, data, rows)`` and write the result to ``path``
+    (``save_params``).
+
+    only: tune just these row keys; the other rows keep their entries of ``path``.
+    resume: reuse ``path``'s trials (same seeds required), e.g. to extend every row to more
+        ``trials``.
+    note: extra entries of the recorded budget.
+
+    Raises:
+        ValueError: ``resume`` with other seeds than ``path`` was tuned with.
+    """
+    old = os.path.isfile(path) and (bool(only) or resume)
+    tuned, records, budget = load_tuning(path) if old else ({}, {}, {})
+    if resume and old and budget.get("seeds_per_trial") != list(seeds):
+        raise ValueError(f"resuming {path} needs its seeds {budget.get('seeds_per_trial')}, "
+                         f"not {list(seeds)}")
+    for name, data, rows in datasets:
+        rows = [r for r in rows if not only or r.key in only]
+        best, recs = tune(data, rows, trials, seeds, log=log, max_epochs=max_epochs,
+                          previous=records.get(name, []) if resume else ())
+        tuned.setdefault(name, {}).update(best)
+        records[name] = [r for r in records.get(name, []) if r["row"] not in best] + recs
+    save_params(path, tuned, {"trials_per_row": trials, "seeds_per_trial": list(seeds),
+                              "metric": "validation NDCG@5", **(note or {})}, records)
 
 
 def run_rows(data: RatingData, rows: Sequence[Row], params: Dict[str, Params],
