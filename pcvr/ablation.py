@@ -97,7 +97,7 @@ EXPERIMENTAL_ON: Tuple[Variant, ...] = (
             "new (issue 17)"),
     Variant("+pair_target_attn", ("--use_pair_target_attn", "--interaction_lr", "3e-3"),
             "new (issue 17)"),
-    Variant("recommended", ("--preset", "recommended"), "new (issue 17): both of the above"),
+    Variant("recommended", ("--preset", "recommended"), "new (issue 17): both of the above + --use_history_fields"),
 )
 DEFAULT_VARIANTS: Tuple[Variant, ...] = (BASE,) + SEED_FEATURES_OFF + EXPERIMENTAL_ON
 QUICK_VARIANTS: Tuple[Variant, ...] = (BASE, SEED_FEATURES_OFF[2], EXPERIMENTAL_ON[-1])

@@ -81,8 +81,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                      use_pair_62_66=False, use_bf16_train=False, num_epochs=999, patience=5),
     # Issue 17: the seed plus explicit user x item interactions trained at their own rate
     # (README "Recommended configuration" has the runner's figures against the seed's).
-    "recommended": dict(SEED_PRESET, experiment_name="recommended_seed_field_cross_pair_attn",
-                        use_field_cross=True, use_pair_target_attn=True, interaction_lr=3e-3),
+    "recommended": dict(SEED_PRESET, experiment_name="recommended_seed_interactions",
+                        use_field_cross=True, use_pair_target_attn=True,
+                        use_history_fields=True, interaction_lr=3e-3),
 }
 
 
