@@ -31,6 +31,8 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def cpu_bf16(monkeypatch):
     """Mocks the CPU's flags: ``cpu_bf16(True)`` has AVX512-BF16, ``(False)`` only AVX2."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
     def set_native(native: bool) -> None:
         flags = {"avx2", "fma"} | ({"avx512f", "avx512_bf16"} if native else set())
         monkeypatch.setattr(runtime, "cpu_flags", lambda path="/proc/cpuinfo": set(flags))
@@ -47,6 +49,18 @@ def test_auto_precision_follows_the_cpu_capability(cpu_bf16):
     cpu_bf16(True)
     assert runtime.choose_train_precision("auto", False, CPU) == (
         "float32", "--use_bf16_train is off")
+
+
+def test_a_onednn_isa_cap_below_bf16_counts_as_no_bf16(cpu_bf16, monkeypatch):
+    cpu_bf16(True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    precision, why = runtime.choose_train_precision("auto", True, CPU)
+    assert precision == "float32" and "ONEDNN_MAX_CPU_ISA=AVX2" in why
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert runtime.choose_train_precision("auto", True, CPU)[0] == "bf16"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")
+    assert runtime.choose_train_precision("auto", True, CPU)[0] == "float32"
 
 
 def test_forced_precision_wins_both_ways(cpu_bf16):
