@@ -132,9 +132,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[ex.RunRes
     else:
         log(f"# {args.params} missing: every row runs at its default hyper-parameters")
         params = {}
-    rows_params = {name: {r.key: ex.cap_epochs(params.get(name, {}).get(r.key,
-                                                                     ex.default_params(r)),
-                                               args.max_epochs) for r in rows}
+    rows_params = {name: {r.key: ex.cap_epochs(
+        params.get(name, {}).get(r.key, ex.default_params(r)), args.max_epochs) for r in rows}
                    for name, rows in (("coat", ex.COAT_ROWS), ("sim", ex.SIM_ROWS))}
 
     seeds = list(range(args.seeds))

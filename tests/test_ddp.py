@@ -146,12 +146,11 @@ def test_two_machines_train_exactly_like_two_processes_of_one(data, tmp_path):
         assert p.returncode == 0, err[-3000:]
     one_machine = torchrun(data, tmp_path / "standalone")
     assert one_machine.returncode == 0, one_machine.stderr[-3000:]
-    written = [n for n in (0, 1) if os.path.isdir(tmp_path / f"node{n}" / "global_step8.epoch1"
-                                                   ".layer=1.head=2.hidden=16")]
+    first = "global_step8.epoch1.layer=1.head=2.hidden=16"
+    written = [n for n in (0, 1) if os.path.isdir(tmp_path / f"node{n}" / first)]
     assert len(written) == 1  # the rank 0 machine only
     for name in ("global_step8.epoch1.layer=1.head=2.hidden=16",
                  "global_step16.epoch2.layer=1.head=2.hidden=16"):
         a = torch.load(tmp_path / f"node{written[0]}" / name / "model.pt")
         b = torch.load(tmp_path / "standalone" / name / "model.pt")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-

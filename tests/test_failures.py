@@ -145,7 +145,10 @@ def test_written_files_follow_the_umask(data, tmp_path):
                     "--result_dir", str(tmp_path / "res")])
     finally:
         os.umask(old)
-    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+
+    def mode(p: str) -> int:
+        return stat.S_IMODE(os.stat(p).st_mode)
+
     assert mode(result.best_checkpoint) == 0o750
     assert {mode(p) for p in glob.glob(os.path.join(result.best_checkpoint, "*"))} == {0o640}
     assert mode(tmp_path / "ck" / "best_checkpoint.json") == 0o640

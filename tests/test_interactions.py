@@ -1,12 +1,9 @@
 """The explicit NS interactions (pcvr/model/interactions.py): --use_pair_target_attn and
 --use_field_cross."""
-import dataclasses
-
 import pytest
 import torch
 
-from pcvr.config import (Config, DataConfig, DecouplingConfig, ModelConfig, TrainConfig,
-                         from_flat_dict, to_flat_dict)
+from pcvr.config import Config, from_flat_dict, to_flat_dict
 from pcvr.model.interactions import FieldCross, PairTargetAttention
 from pcvr.schema import FeatureSpec
 from test_model import LAYOUT, make_batch, make_cfg, make_model, same_weights_prediction
@@ -50,7 +47,10 @@ def test_pair_attention_reads_the_value_of_the_matching_id():
     target = torch.zeros(2, 6)
     target[:, 3] = 1.0                              # the target "is" id 3 (row 3 of the table)
     out = m(ids, values, target)
-    w = lambda v: torch.sqrt(torch.log1p(torch.tensor(v)))  # noqa: E731
+
+    def w(v: float) -> torch.Tensor:
+        return torch.sqrt(torch.log1p(torch.tensor(v)))
+
     torch.testing.assert_close(out[:, 0], torch.stack([w(5.0), w(100.0)]), atol=1e-4, rtol=0)
     torch.testing.assert_close(out[:, 1], torch.ones(2), atol=1e-4, rtol=0)
     # padding never matches, and the order of a list does not matter

@@ -30,10 +30,10 @@ def test_loaders_know_their_batches_before_the_first(tmp_path):
                   TINY_SCHEMA, rows_per_group=6)
     layout = parse_schema(TINY_SCHEMA, parse_seq_max_lens(TINY_SEQ_MAX_LENS), True)
     for workers, pool in ((0, 0), (0, 2), (2, 2)):
-        train, valid, _ = get_pcvr_data(str(tmp_path), layout,
-                                         DataConfig(seq_max_lens=TINY_SEQ_MAX_LENS),
-                                         TrainConfig(batch_size=4, num_workers=workers,
-                                                     buffer_batches=pool, valid_ratio=0.2))
+        train, valid, _ = get_pcvr_data(
+            str(tmp_path), layout, DataConfig(seq_max_lens=TINY_SEQ_MAX_LENS),
+            TrainConfig(batch_size=4, num_workers=workers, buffer_batches=pool,
+                        valid_ratio=0.2))
         for epoch in (1, 2):
             train.set_epoch(epoch)
             assert train.num_batches == sum(1 for _ in train)

@@ -90,8 +90,8 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(data, tmp_path
 
 def test_keep_last_prunes_all_but_the_newest_and_the_best(data, tmp_path):
     result = train.main(BASE + ["--num_epochs", "2", "--save_every_n_steps", "7",
-                                     "--keep_last", "2", "--data_dir", str(data),
-                                     "--ckpt_dir", str(tmp_path / "ck")])
+                                "--keep_last", "2", "--data_dir", str(data),
+                                "--ckpt_dir", str(tmp_path / "ck")])
     names = sorted(os.listdir(tmp_path / "ck"))
     folders = [n for n in names if n.startswith("global_step")]
     steps = sorted(checkpoint.step_of(n) for n in folders)

@@ -33,6 +33,7 @@ def cpu_bf16(monkeypatch):
     """Mocks the CPU's flags: ``cpu_bf16(True)`` has AVX512-BF16, ``(False)`` only AVX2."""
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(name, raising=False)
+
     def set_native(native: bool) -> None:
         flags = {"avx2", "fma"} | ({"avx512f", "avx512_bf16"} if native else set())
         monkeypatch.setattr(runtime, "cpu_flags", lambda path="/proc/cpuinfo": set(flags))
@@ -225,8 +226,8 @@ def test_fixed_shapes_give_the_same_outputs():
             length = s.ids.shape[-1]
             assert length == min(model.seq.max_lens[name],
                                  -(-batch.seq[name].ids.shape[-1] // multiple) * multiple)
-            assert s.time_bucket.shape[-1] == length and torch.equal(s.lens,
-                                                                      batch.seq[name].lens)
+            assert s.time_bucket.shape[-1] == length
+            assert torch.equal(s.lens, batch.seq[name].lens)
         torch.testing.assert_close(model.predict(padded), want, rtol=0, atol=1e-5)
     model.seq.max_seq_buckets = 1
     torch.testing.assert_close(model.predict(model.pad_batch(batch, 100)), want, rtol=0,

@@ -65,6 +65,8 @@ SPARSE_ITEM_FIDS = (83, 84, 85)
 
 # Mean length of the engagement lists (user int fids 62-66) before the activity factor.
 ENGAGEMENT_MEAN_LEN = {62: 4.0, 63: 4.0, 64: 6.0, 65: 12.0, 66: 16.0}
+
+
 def check_links(layout: FeatureLayout, links: Links) -> None:
     """Raises ValueError naming the fids that the planted effects need and the schema lacks."""
     need = {"user_int": (links.segment, links.age, links.gender, links.pair_fid,
