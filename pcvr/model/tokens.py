@@ -6,15 +6,16 @@
 * ``DenseToken``, ``PairModeUserDenseToken``, ``DenseCrossToken``: dense columns -> one token.
 * ``SequenceTokenizer``: one behaviour domain's ``[B, F, L]`` ids -> ``[B, L, D]`` tokens.
 
-Every feature table is ``nn.Embedding(vocab_size + 1, E, padding_idx=0)``: ids ``1 .. vocab_size
-- 1`` are real, ``vocab_size`` is the out-of-vocabulary id, and 0 (padding or missing) stays a
-zero row without gradient. A feature gets no table (an all-zero vector) when its vocabulary is
-empty or larger than ``emb_skip_threshold``. Tables of more than ``DENSE_GRAD_MAX_ROWS`` rows
-have sparse gradients, so the trainer's Adagrad touches only the rows a batch used; smaller ones
-have dense gradients: a batch of ``64 x 512`` events touches most of a small table anyway, and a
-dense gradient of a small table is far cheaper to build and to apply than a sparse one with one
-entry per event (measured ~10x on CPU for a 100-row table). Adagrad's update is the same either
-way (an unseen row has a zero gradient and does not move).
+Every feature table is ``nn.Embedding(vocab_size + 1, E, padding_idx=0)``: ids
+``1 .. vocab_size - 1`` are real, ``vocab_size`` is the out-of-vocabulary id, and 0 (padding or
+missing) stays a zero row without gradient. A feature gets no table (an all-zero vector) when
+its vocabulary is empty or larger than ``emb_skip_threshold``. Tables of more than
+``DENSE_GRAD_MAX_ROWS`` rows have sparse gradients, so the trainer's Adagrad touches only the
+rows a batch used; smaller ones have dense gradients: a batch of ``64 x 512`` events touches
+most of a small table anyway, and a dense gradient of a small table is far cheaper to build
+and to apply than a sparse one with one entry per event (measured ~10x on CPU for a 100-row
+table). Adagrad's update is the same either way (an unseen row has a zero gradient and does
+not move).
 
 Dense inputs are raw and heavy-tailed (fids 62-66 reach 1e7), so every dense column goes
 through the parameter-free ``signed_log1p`` before its Linear layer. This deliberately fixes
