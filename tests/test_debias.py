@@ -30,13 +30,7 @@ REAL_COAT = REPO.parent / "shared" / "data" / "coat"
 TINY_SIM = SimConfig(n_users=60, n_items=50, logged_per_user=10, test_per_user=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and it leaves the other core to the rest."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quick(**kw) -> PointwiseSettings:

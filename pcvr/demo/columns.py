@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +33,10 @@ from pcvr.demo.effects import (Calibration, explainable_logit, logit_parts, raw_
 from pcvr.demo.oracle import TRUTH_FILE
 from pcvr.demo.rows import NATURAL, Exposure, History, Rows, draw_histories, draw_rows
 from pcvr.demo.sampling import categorical, lengths_to_offsets, power_index, sigmoid
-from pcvr.demo.world import N_CATEGORIES, N_ITEMS, SEQ_ITEMS_PER_CATEGORY, World
+from pcvr.demo.world import (N_CATEGORIES, N_ITEMS, SEQ_ITEMS_PER_CATEGORY, Items, Persons,
+                             World)
 from pcvr.metrics import roc_auc
+from pcvr.schema import FeatureSpec
 
 SCHEMA_FILE = "schema.json"
 PARQUET_COMPRESSION = "zstd"
@@ -60,20 +62,28 @@ def _sprinkle_oov(rng: np.random.Generator, ids: np.ndarray, vocab: int) -> np.n
     return ids
 
 
+def _int_columns(specs: Sequence[FeatureSpec], entities: Union[Persons, Items],
+                 index: np.ndarray, oov_fids: Tuple[int, ...], rng: np.random.Generator,
+                 cols: Dict[str, pa.Array]) -> None:
+    """The int feature columns ``specs`` of the rows' ``entities`` (persons or items) at
+    ``index``: scalars (with out-of-vocabulary ids sprinkled into ``oov_fids``) and lists."""
+    for spec in specs:
+        fid = spec.fid
+        if spec.length == 1:
+            ids, null = entities.scalars[fid]
+            values = ids[index]
+            if fid in oov_fids:
+                values = _sprinkle_oov(rng, values, spec.vocab_size)
+            cols[spec.column] = pa.array(values, type=pa.int64(), mask=null[index])
+        else:
+            lst = entities.lists[fid].take(index)
+            cols[spec.column] = _list_array(lst.offsets, lst.values, lst.null, pa.int64())
+
+
 def _user_columns(world: World, rng: np.random.Generator, person: np.ndarray,
                   cols: Dict[str, pa.Array]) -> None:
     ps = world.persons
-    for spec in world.layout.features.user_int:
-        fid = spec.fid
-        if spec.length == 1:
-            ids, null = ps.scalars[fid]
-            values = ids[person]
-            if fid in OOV_USER_FIDS:
-                values = _sprinkle_oov(rng, values, spec.vocab_size)
-            cols[spec.column] = pa.array(values, type=pa.int64(), mask=null[person])
-        else:
-            lst = ps.lists[fid].take(person)
-            cols[spec.column] = _list_array(lst.offsets, lst.values, lst.null, pa.int64())
+    _int_columns(world.layout.features.user_int, ps, person, OOV_USER_FIDS, rng, cols)
     n = person.size
     for spec in world.layout.features.user_dense:
         fid, dim = spec.fid, spec.length
@@ -89,22 +99,6 @@ def _user_columns(world: World, rng: np.random.Generator, person: np.ndarray,
         else:   # a dense list fid of a custom schema without an int twin
             cols[spec.column] = _list_array(np.zeros(n + 1, dtype=np.int64),
                                             np.zeros(0, dtype=np.float32), None, pa.float32())
-
-
-def _item_columns(world: World, rng: np.random.Generator, item: np.ndarray,
-                  cols: Dict[str, pa.Array]) -> None:
-    it = world.items
-    for spec in world.layout.features.item_int:
-        fid = spec.fid
-        if spec.length == 1:
-            ids, null = it.scalars[fid]
-            values = ids[item]
-            if fid in OOV_ITEM_FIDS:
-                values = _sprinkle_oov(rng, values, spec.vocab_size)
-            cols[spec.column] = pa.array(values, type=pa.int64(), mask=null[item])
-        else:
-            lst = it.lists[fid].take(item)
-            cols[spec.column] = _list_array(lst.offsets, lst.values, lst.null, pa.int64())
 
 
 def _event_order(rng: np.random.Generator, h: History, order: str) -> np.ndarray:
@@ -165,7 +159,8 @@ def _chunk(world: World, calib: Calibration, rows: Rows, rng: np.random.Generato
         "timestamp": pa.array(rows.ts),
     }
     _user_columns(world, rng, rows.person, cols)
-    _item_columns(world, rng, rows.item, cols)
+    _int_columns(world.layout.features.item_int, world.items, rows.item, OOV_ITEM_FIDS, rng,
+                 cols)
     _seq_columns(world, rng, hists, n, event_order, cols)
     schema = world.layout.arrow_schema()
     table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
