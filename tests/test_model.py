@@ -1,31 +1,28 @@
-"""Tests of the PCVR HyFormer model (model.py, modules.py, feature_tokens.py) on a tiny schema."""
+"""Tests of the PCVR HyFormer model (pcvr/model/: hyformer, inputs, tokens, modules) on a tiny
+schema."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import sys
 from typing import Dict, Optional, Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import pcvr.model.modules as modules
+from pcvr.batch import Batch, SeqBatch
+from pcvr.config import Config, DecouplingConfig, ModelConfig
+from pcvr.model.build import build_model, load_ns_groups
+from pcvr.model.hyformer import PCVRHyFormer
+from pcvr.model.modules import (CrossAttention, Dropout, LongerEncoder, RowBuckets, attend,
+                                token_mix, valid_mask)
+from pcvr.model.tokens import (DENSE_GRAD_MAX_ROWS, NSFeatureEmbedding, RankMixerNSTokenizer,
+                               signed_log1p)
+from pcvr.schema import FeatureLayout, FeatureSpec, SchemaError, load_schema, parse_schema
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from pcvr.config import DecouplingConfig, ModelConfig  # noqa: E402
-from pcvr.model.tokens import (DENSE_GRAD_MAX_ROWS, NSFeatureEmbedding,  # noqa: E402
-                            RankMixerNSTokenizer, signed_log1p)
-from pcvr.batch import Batch, SeqBatch  # noqa: E402
-from pcvr.config import Config  # noqa: E402
-from pcvr.model.build import build_model, load_ns_groups  # noqa: E402
-from pcvr.model.hyformer import PCVRHyFormer  # noqa: E402
-import pcvr.model.modules as modules  # noqa: E402
-from pcvr.model.modules import (CrossAttention, Dropout, LongerEncoder, RowBuckets, attend,  # noqa: E402
-                     token_mix, valid_mask)
-from pcvr.schema import FeatureLayout, FeatureSpec, SchemaError, load_schema, parse_schema  # noqa: E402
-
 ONLINE_SCHEMA = os.path.join(ROOT, "..", "shared", "reference", "schemas", "online_schema.json")
 BIG = DENSE_GRAD_MAX_ROWS + 10  # a vocabulary whose table has sparse gradients
 

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from pcvr import runtime  # noqa: E402
-from pcvr.config import (TrainConfig, from_flat_dict, parse_config,  # noqa: E402
+from pcvr import runtime
+from pcvr.config import (TrainConfig, from_flat_dict, parse_config,
                          to_flat_dict)
-from pcvr.model.outputs import ModelOutput  # noqa: E402
-from pcvr.model.tokens import DENSE_GRAD_MAX_ROWS  # noqa: E402
-from pcvr.training.losses import training_loss  # noqa: E402
-from pcvr.training.trainer import Trainer  # noqa: E402
-from test_model import make_batch, make_cfg, make_model  # noqa: E402
+from pcvr.model.outputs import ModelOutput
+from pcvr.model.tokens import DENSE_GRAD_MAX_ROWS
+from pcvr.training.losses import training_loss
+from pcvr.training.trainer import Trainer
+from test_model import make_batch, make_cfg, make_model
 
 CPU = torch.device("cpu")
 
