@@ -9,14 +9,14 @@ Each cell runs train.py (base flags, the variant's flags, --seed S) and infer.py
 the held-out split in their own processes; finished cells are cached under --work_dir, so an
 interrupted table continues where it stopped. The table (AUC mean ± std, the paired delta vs
 the base with its 95 % interval, oracle AUC and lift, effect capture, minutes per cell) goes
-to <prefix>.md / .csv / .png. The logic lives in pcvr/ablation.py.
+to <prefix>.md / .csv / .png. The logic lives in pcvr/ablation/.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pcvr.ablation import main  # noqa: E402
+from pcvr.ablation.runner import main  # noqa: E402
 from pcvr.errors import run_cli  # noqa: E402
 
 if __name__ == "__main__":

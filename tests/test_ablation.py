@@ -1,17 +1,18 @@
-"""The ablation runner (pcvr/ablation.py): statistics, parsing, caching, bad input, and one
+"""The ablation runner (pcvr/ablation/): statistics, parsing, caching, bad input, and one
 real cell end to end on tiny demo data."""
 import json
 import math
 import os
-import sys
 import textwrap
 
 import pytest
 
-from pcvr import ablation
-from pcvr.ablation import (Settings, Variant, aggregate, beyond_noise, error_line,
-                           markdown_table, mean_std, paired_delta, parse_score_output,
-                           parse_variant, run_table, t975)
+from pcvr.ablation import cells
+from pcvr.ablation.cells import Settings, check_flags, error_line, parse_score_output
+from pcvr.ablation.report import aggregate, markdown_table
+from pcvr.ablation.runner import run_table
+from pcvr.ablation.stats import beyond_noise, mean_std, paired_delta, t975
+from pcvr.ablation.variants import Variant, parse_variant
 from pcvr.demo.generator import generate
 
 TINY = ["--d_model", "16", "--emb_dim", "8", "--num_heads", "2", "--num_queries", "2",
@@ -53,8 +54,8 @@ def test_parsing():
     v = parse_variant("+lr=--lr 3e-4 --seq_max_lens seq_a:8")
     assert v == Variant("+lr", ("--lr", "3e-4", "--seq_max_lens", "seq_a:8"))
     assert parse_variant("base").flags == () and parse_variant("x: --a").flags == ("--a",)
-    assert ablation.check_flags(["--preset", "seed", "--no_such_flag"]) is not None
-    assert ablation.check_flags(["--preset", "seed", "--use_pair_target_attn"]) is None
+    assert check_flags(["--preset", "seed", "--no_such_flag"]) is not None
+    assert check_flags(["--preset", "seed", "--use_pair_target_attn"]) is None
 
 
 def test_aggregate_and_table_with_an_error_row():
@@ -98,8 +99,8 @@ FAKE_INFER = textwrap.dedent("""
 def test_runner_caches_cells_and_reports_bad_variants_in_their_rows(tmp_path, monkeypatch):
     (tmp_path / "train.py").write_text(FAKE_TRAIN)
     (tmp_path / "infer.py").write_text(FAKE_INFER)
-    monkeypatch.setattr(ablation, "TRAIN_PY", str(tmp_path / "train.py"))
-    monkeypatch.setattr(ablation, "INFER_PY", str(tmp_path / "infer.py"))
+    monkeypatch.setattr(cells, "TRAIN_PY", str(tmp_path / "train.py"))
+    monkeypatch.setattr(cells, "INFER_PY", str(tmp_path / "infer.py"))
     log = tmp_path / "calls.txt"
     monkeypatch.setenv("FAKE_LOG", str(log))
     data = tmp_path / "data"
