@@ -10,7 +10,7 @@
 
 Every row's hyper-parameters come from ``--params`` (written by ``--tune``: the same number of
 random-search trials for every row, scored on the validation lists; protocol in
-benchmarks/results/debias.md). The run ends with exactly two lines::
+benchmarks/results/debias_protocol.md). The run ends with exactly two lines::
 
     coat_ndcg_decoupled <x> best_baseline <y> spread <s>
     sim_ndcg_decoupled <x> best_baseline <y> spread <s>
