@@ -41,7 +41,7 @@ import numpy as np
 
 from pcvr.demo.rows import (RECENT_WINDOW_S, TRAIN_DAYS, History, Rows, draw_histories,
                             draw_rows, local_hour_dow, train_start)
-from pcvr.demo.sampling import sigmoid
+from pcvr.demo.sampling import matmul, sigmoid
 from pcvr.demo.variants import CATEGORY
 from pcvr.demo.world import CATEGORY_GROUPS, World
 from pcvr.schema import ACTIVITY_WINDOWS_S
@@ -150,14 +150,16 @@ def calibrate(world: World) -> Calibration:
     # Effects that share a cause (taste drives dense_dot, pair and affinity) are correlated:
     # reweight until every Cov(effect, sum) / Var(sum) equals its target share.
     z = np.stack([(raw[e.name] - mean[e.name]) / std[e.name] for e in EFFECTS], axis=1)
-    corr = np.cov(z, rowvar=False)
+    zc = z - z.mean(axis=0)
+    corr = matmul(zc.T, zc) / (z.shape[0] - 1)  # np.cov, without the threaded BLAS
     target = np.array(world.variant.shares)
     w = np.sqrt(target)
     for _ in range(200):
-        share = w * (corr @ w) / (w @ corr @ w)
+        cw = matmul(corr, w)
+        share = w * cw / matmul(w, cw)
         w = w * np.sqrt(target / np.maximum(share, 1e-6))
     weight = {e.name: float(v) for e, v in zip(EFFECTS, w)}
-    calib = Calibration(mean, std, weight, float((z @ w).std()), 1.0, 0.0, 0.0)
+    calib = Calibration(mean, std, weight, float(matmul(z, w).std()), 1.0, 0.0, 0.0)
     noise = rng.standard_normal(n)
     eta = sum(logit_parts(calib, raw, noise).values())      # unit-variance logit shape
     order = np.argsort(eta)

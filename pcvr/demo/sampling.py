@@ -12,6 +12,13 @@ from typing import Optional, Tuple
 import numpy as np
 
 
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for ``a [..., k]`` and ``b [k]`` or ``[k, m]``, the same to the last bit on
+    every machine: ``einsum`` without ``optimize`` runs numpy's own loops, while ``@`` goes to
+    a multithreaded BLAS whose sums depend on the number of threads (and so would the data)."""
+    return np.einsum("...k,k->..." if b.ndim == 1 else "...k,km->...m", a, b, optimize=False)
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 

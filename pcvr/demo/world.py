@@ -27,7 +27,7 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 
 from pcvr.demo.layout import DemoLayout
-from pcvr.demo.sampling import IdMap, Ragged, categorical, power_index
+from pcvr.demo.sampling import IdMap, Ragged, categorical, matmul, power_index
 from pcvr.demo.variants import CATEGORY, GENERIC, LEAF, TYPE, Links, Variant
 from pcvr.schema import PAIRED, FeatureLayout, SeqDomainSpec
 
@@ -108,7 +108,7 @@ class Embedding:
 
     def rows(self, inputs: np.ndarray) -> np.ndarray:
         """[N, inputs] person inputs -> [N, dim] float32 values."""
-        values = np.clip(inputs @ self.proj, self.low, self.high)
+        values = np.clip(matmul(inputs, self.proj), self.low, self.high)
         return np.round(values * 256.0) / 256.0     # coarse enough for parquet to compress
 
 
@@ -307,7 +307,7 @@ def _build_persons(rng: np.random.Generator, layout: FeatureLayout, variant: Var
     age = np.clip(np.round(rng.normal(34.0, 11.0, n)), 16, 75).astype(np.int64)
     gender = rng.integers(0, 2, n)
     latent = rng.standard_normal((n, LATENT_DIM))
-    taste = latent @ cat_z.T / 1.3
+    taste = matmul(latent, cat_z.T) / 1.3
     taste_table = _taste_table(taste)
     activity = np.exp(rng.normal(0.0, 0.35, n) - 0.35 ** 2 / 2)
     visits = np.sqrt(activity)
