@@ -134,6 +134,17 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
             w.writerow(_csv_row(r))
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: str, title: str) -> bool:
+    """Titles, lays out, writes and closes a figure (``plt``: the caller's pyplot, an optional
+    dependency); True (written)."""
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_png(rows: Sequence[Row], path: str, title: str = "") -> bool:
     """The deltas with their 95 % intervals (matplotlib optional: False when missing)."""
     try:
@@ -154,12 +165,7 @@ def write_png(rows: Sequence[Row], path: str, title: str = "") -> bool:
     ax.set_yticks(ys)
     ax.set_yticklabels([r.variant.name for r in shown])
     ax.set_xlabel("held-out AUC delta vs base (mean over seeds, 95 % CI, paired by seed)")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, title)
 
 
 def curve_markdown(points: Sequence[Tuple[int, Row]]) -> str:
@@ -215,9 +221,4 @@ def write_curve_png(points: Sequence[Tuple[int, Row]], path: str, title: str = "
     ax.set_ylabel("held-out oracle lift" if use_lift else "held-out AUC")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, title)
