@@ -90,10 +90,13 @@ def main(argv: Optional[List[str]] = None) -> TrainResult:
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
+    finished = False
     try:
-        return run(cfg, world, device)
+        result = run(cfg, world, device)
+        finished = True
+        return result
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
 
 
 def run(cfg: Config, world: distributed.World, device: torch.device) -> TrainResult:

@@ -68,8 +68,14 @@ def init_from_env(device_type: str) -> World:
     return world
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = True) -> None:
+    """Leaves the process group. After a finished run every rank first waits for the others,
+    so that none tears its connections down while another is still in a collective (gloo
+    aborts that one); after a failure it leaves at once (a barrier could wait on a dead rank).
+    """
     if dist.is_available() and dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
