@@ -10,7 +10,35 @@ import torch.nn as nn
 from pcvr.errors import ConfigError
 
 
-class ModelEMA:
+class AveragedModel:
+    """A copy of a model whose parameters follow an average of the model's; the trainer
+    validates it beside the raw weights. Subclasses define ``update``.
+
+    Args:
+        model: the model to average (copied).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        self.updates = 0
+
+    def update(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        """Forgets the average; the next update copies the current weights."""
+        self.updates = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+class ModelEMA(AveragedModel):
     """Exponential moving average of a model's parameters.
 
     Fixes relative to the reference's EMA:
@@ -35,10 +63,8 @@ class ModelEMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {decay}")
+        super().__init__(model)
         self.decay = decay
-        self.module = copy.deepcopy(model)
-        self.module.requires_grad_(False)
-        self.updates = 0
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -51,14 +77,3 @@ class ModelEMA:
             n = self.updates
             torch._foreach_lerp_(avg, cur, 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
         self.updates += 1
-
-    def restart(self) -> None:
-        """Forgets the average; the next update copies the current weights."""
-        self.updates = 0
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"module": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
-        self.updates = int(state["updates"])

@@ -2,32 +2,29 @@
 the run (``--swa_start_frac``), validated beside the raw weights like the EMA."""
 from __future__ import annotations
 
-import copy
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 
-from pcvr.training.ema import ModelEMA
+from pcvr.training.ema import AveragedModel
 
 
-class ModelSWA(ModelEMA):
+class ModelSWA(AveragedModel):
     """The equal-weight average of every ``every``-th set of weights it is shown.
 
-    Same interface as ``ModelEMA`` (the trainer holds either in its averaging slot):
     ``update`` is called after every optimiser step and averages one step in ``every``;
-    ``restart`` forgets the average. ``updates`` counts the averaged weight sets.
+    ``restart`` forgets the average. ``updates`` counts the averaged weight sets, ``calls``
+    the steps shown (saved with the state, so that a resumed run averages the same steps).
 
     Args:
         model: the model to average (copied).
         every: average one step in this many.
     """
 
-    def __init__(self, model: nn.Module, every: int = 1) -> None:  # noqa: D107 - no decay
-        self.decay = 0.0
+    def __init__(self, model: nn.Module, every: int = 1) -> None:
+        super().__init__(model)
         self.every = max(1, int(every))
-        self.module = copy.deepcopy(model)
-        self.module.requires_grad_(False)
-        self.updates = 0
         self.calls = 0
 
     @torch.no_grad()
@@ -44,5 +41,12 @@ class ModelSWA(ModelEMA):
         self.updates += 1
 
     def restart(self) -> None:
-        self.updates = 0
+        super().restart()
         self.calls = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(super().state_dict(), calls=self.calls)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.calls = int(state.get("calls", 0))  # absent in states saved before it was kept

@@ -35,7 +35,7 @@ from pcvr.evaluation import predict, score
 from pcvr.model.outputs import RankingModel
 from pcvr.progress import Progress
 from pcvr.runtime import choose_train_precision, training_forward
-from pcvr.training.ema import ModelEMA
+from pcvr.training.ema import AveragedModel, ModelEMA
 from pcvr.training.losses import training_loss
 from pcvr.training.optim import build_optimizers
 from pcvr.training.reporting import MetricsWriter, fmt_metrics
@@ -133,7 +133,7 @@ class Trainer:
         self.use_bf16 = self.tc.train_precision == "bf16" and device.type in ("cuda", "cpu")
         self.forward = training_forward(model, device, self.tc.compile,
                                         self.tc.seq_pad_multiple)
-        self.ema: Optional[ModelEMA] = None
+        self.ema: Optional[AveragedModel] = None
         # --swa_start_frac: the step from which ModelSWA holds the averaging slot (or None)
         self.swa_start: Optional[int] = None
         if self.tc.swa_start_frac > 0:
@@ -153,6 +153,12 @@ class Trainer:
         self._resume_rng: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ one step
+    def _new_average(self) -> AveragedModel:
+        """The weight average of this run: SWA from ``swa_start`` on, else the EMA."""
+        if self.swa_start is not None:
+            return ModelSWA(self.model, self.tc.swa_every_n_steps)
+        return ModelEMA(self.model, self.tc.ema_decay)
+
     def train_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """One optimisation step on a batch already on the device; returns detached loss
         tensors (no host sync)."""
@@ -178,7 +184,7 @@ class Trainer:
             scheduler.step()
         if self.ema is None and self.swa_start is not None \
                 and self.global_step + 1 >= self.swa_start:
-            self.ema = ModelSWA(self.model, self.tc.swa_every_n_steps)
+            self.ema = self._new_average()
             log.info("SWA started at step %d (one step in %d)", self.global_step + 1,
                      self.tc.swa_every_n_steps)
         if self.ema is not None:
@@ -321,11 +327,9 @@ class Trainer:
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         if state["ema"] is not None:
-            self.ema = (ModelSWA(self.model, self.tc.swa_every_n_steps)
-                        if self.swa_start is not None else ModelEMA(self.model, self.tc.ema_decay))
-            self.ema.load_state_dict({"updates": state["ema"]["updates"],
-                                      "module": saved_weights if weights_are_ema
-                                      else state["ema"]["module"]})
+            self.ema = self._new_average()
+            self.ema.load_state_dict(dict(state["ema"], module=saved_weights if weights_are_ema
+                                          else state["ema"]["module"]))
         self.global_step = state["global_step"]
         self.position = Position(**state["position"])
         self.stopping = EarlyStopping(**state["stopping"])
@@ -458,7 +462,7 @@ class Trainer:
                 self._epoch_sums = {}
                 continue
             if self.ema is None and tc.ema_decay > 0 and p.epoch >= max(1, tc.ema_start_epoch):
-                self.ema = ModelEMA(self.model, tc.ema_decay)
+                self.ema = self._new_average()
                 log.info("EMA started at epoch %d (decay %g, warm-up)", p.epoch, tc.ema_decay)
             stop = self._train_epoch()
             if not stop:
