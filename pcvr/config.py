@@ -83,7 +83,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # (README "Recommended configuration" has the runner's figures against the seed's).
     "recommended": dict(SEED_PRESET, experiment_name="recommended_seed_interactions",
                         use_field_cross=True, use_pair_target_attn=True,
-                        use_history_fields=True, interaction_lr=3e-3),
+                        use_history_fields=True, interaction_lr=3e-3,
+                        min_train_samples=60000),
 }
 
 
@@ -256,8 +257,9 @@ class TrainConfig:
     num_epochs: int = flag(6, "maximum number of epochs")
     min_train_samples: int = flag(0, "small data: raise num_epochs until num_epochs x training "
                                   "rows >= this (validating after each epoch, early "
-                                  "stopping by --patience, the best checkpoint kept); "
-                                  "0 = off")
+                                  "stopping by --patience, the best checkpoint kept; "
+                                  "--interaction_lr divided by the same factor, not below "
+                                  "--lr); 0 = off; 60000 in --preset recommended")
     patience: int = flag(5, "stop after this many validations without a better AUC "
                          "(0 = run every epoch)")
     seed: int = flag(42, "random seed")

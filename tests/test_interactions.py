@@ -143,6 +143,22 @@ def test_min_train_samples_raises_the_epochs_of_small_data_only():
         assert trainer.tc.num_epochs == epochs
 
 
+def test_min_train_samples_slows_the_interactions_by_the_added_passes():
+    from pcvr.config import parse_config
+    from pcvr.training.trainer import Trainer
+
+    class Loader(list):
+        num_rows = 40
+
+    model = make_model(make_cfg(use_field_cross=True))
+    for samples, ilr in ((0, 3e-3), (40, 3e-3), (160, 7.5e-4), (4000, 1e-4)):
+        cfg = parse_config(["--num_epochs", "1", "--min_train_samples", str(samples),
+                            "--lr", "1e-4", "--interaction_lr", "3e-3"], environ={})
+        trainer = Trainer(model, cfg, Loader(), None, torch.device("cpu"))
+        assert trainer.tc.interaction_lr == pytest.approx(ilr)
+        assert trainer.dense_opt.param_groups[-1]["lr"] == pytest.approx(ilr)
+
+
 def test_swa_is_the_equal_weight_average_of_every_kth_step():
     from pcvr.training.swa import ModelSWA
     net = torch.nn.Linear(1, 1, bias=False)

@@ -117,6 +117,14 @@ class Trainer:
             epochs = math.ceil(self.tc.min_train_samples / rows)
             log.info("min_train_samples %d: %d training rows, num_epochs %d -> %d",
                      self.tc.min_train_samples, rows, self.tc.num_epochs, epochs)
+            if self.tc.interaction_lr > self.tc.lr:
+                # Repeated rows: at its own high rate the explicit cross memorises them within
+                # two or three passes (README "Small data"), so its rate is divided by the
+                # factor the passes were multiplied by, never below --lr.
+                ilr = max(self.tc.lr, self.tc.interaction_lr * self.tc.num_epochs / epochs)
+                log.info("min_train_samples: --interaction_lr %g -> %g for %d passes",
+                         self.tc.interaction_lr, ilr, epochs)
+                self.tc.interaction_lr = ilr
             self.tc.num_epochs = epochs
         epoch_steps = None if rows is None else max(1, math.ceil(rows / self.tc.batch_size))
         self.dense_params = list(model.dense_parameters())
