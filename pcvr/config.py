@@ -319,7 +319,8 @@ class TrainConfig:
     experiment_name: str = flag("baseline", "recorded in train_config.json")
     preset: str = flag("", "start from a named configuration (PRESETS: 'seed' = run.sh, "
                        "'baseline' = the official baseline, 'recommended' = the seed with the "
-                       "explicit interactions of issue 17); flags given explicitly win",
+                       "explicit interactions and the small-data passes of issue 17); flags given "
+                       "explicitly win",
                        choices=("",) + tuple(sorted(PRESETS)))
 
 
