@@ -83,8 +83,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # (README "Recommended configuration" has the runner's figures against the seed's).
     "recommended": dict(SEED_PRESET, experiment_name="recommended_seed_interactions",
                         use_field_cross=True, use_pair_target_attn=True,
-                        use_history_fields=True, interaction_lr=3e-3,
-                        min_train_samples=60000),
+                        use_history_fields=True, interaction_lr=3e-3),
 }
 
 
@@ -259,7 +258,7 @@ class TrainConfig:
                                   "rows >= this (validating after each epoch, early "
                                   "stopping by --patience, the best checkpoint kept; "
                                   "--interaction_lr divided by the same factor, not below "
-                                  "--lr); 0 = off; 60000 in --preset recommended")
+                                  "--lr); 0 = off")
     patience: int = flag(5, "stop after this many validations without a better AUC "
                          "(0 = run every epoch)")
     seed: int = flag(42, "random seed")
@@ -319,8 +318,7 @@ class TrainConfig:
     experiment_name: str = flag("baseline", "recorded in train_config.json")
     preset: str = flag("", "start from a named configuration (PRESETS: 'seed' = run.sh, "
                        "'baseline' = the official baseline, 'recommended' = the seed with the "
-                       "explicit interactions and the small-data passes of issue 17); flags given "
-                       "explicitly win",
+                       "explicit interactions of issue 17); flags given explicitly win",
                        choices=("",) + tuple(sorted(PRESETS)))
 
 
