@@ -128,33 +128,31 @@ def test_emb_min_count_model_counts_in_training_and_keeps_the_counts_in_its_stat
     assert not any(k.endswith("counts") for k in make_model(make_cfg()).state_dict())
 
 
-def test_min_train_samples_raises_the_epochs_of_small_data_only():
+class _FortyRows(list):
+    """A training loader stand-in that reports 40 rows (the trainer reads only that)."""
+    num_rows = 40
+
+
+def _trainer_on_forty_rows(model, samples: int, *flags: str):
     from pcvr.config import parse_config
     from pcvr.training.trainer import Trainer
+    cfg = parse_config(["--num_epochs", "1", "--min_train_samples", str(samples), *flags],
+                       environ={})
+    return Trainer(model, cfg, _FortyRows(), None, torch.device("cpu"))
 
-    class Loader(list):
-        num_rows = 40
 
+def test_min_train_samples_raises_the_epochs_of_small_data_only():
     model = make_model(make_cfg())
     for samples, epochs in ((0, 1), (30, 1), (100, 3), (400, 10)):
-        cfg = parse_config(["--num_epochs", "1", "--min_train_samples", str(samples),
-                            "--lr_schedule", "cosine"], environ={})
-        trainer = Trainer(model, cfg, Loader(), None, torch.device("cpu"))
+        trainer = _trainer_on_forty_rows(model, samples, "--lr_schedule", "cosine")
         assert trainer.tc.num_epochs == epochs
 
 
 def test_min_train_samples_slows_the_interactions_by_the_added_passes():
-    from pcvr.config import parse_config
-    from pcvr.training.trainer import Trainer
-
-    class Loader(list):
-        num_rows = 40
-
     model = make_model(make_cfg(use_field_cross=True))
     for samples, ilr in ((0, 3e-3), (40, 3e-3), (160, 7.5e-4), (4000, 1e-4)):
-        cfg = parse_config(["--num_epochs", "1", "--min_train_samples", str(samples),
-                            "--lr", "1e-4", "--interaction_lr", "3e-3"], environ={})
-        trainer = Trainer(model, cfg, Loader(), None, torch.device("cpu"))
+        trainer = _trainer_on_forty_rows(model, samples, "--lr", "1e-4",
+                                         "--interaction_lr", "3e-3")
         assert trainer.tc.interaction_lr == pytest.approx(ilr)
         assert trainer.dense_opt.param_groups[-1]["lr"] == pytest.approx(ilr)
 

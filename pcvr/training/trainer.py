@@ -112,20 +112,8 @@ class Trainer:
         self.train_loader, self.valid_loader, self.device = train_loader, valid_loader, device
         self.checkpoints, self.writer = checkpoints, writer
         rows = getattr(train_loader, "num_rows", None)
-        if rows and self.tc.min_train_samples > rows * self.tc.num_epochs:
-            # --min_train_samples: small data gets more passes (recorded in train_config.json)
-            epochs = math.ceil(self.tc.min_train_samples / rows)
-            log.info("min_train_samples %d: %d training rows, num_epochs %d -> %d",
-                     self.tc.min_train_samples, rows, self.tc.num_epochs, epochs)
-            if self.tc.interaction_lr > self.tc.lr:
-                # Repeated rows: at its own high rate the explicit cross memorises them within
-                # two or three passes (README "Small data"), so its rate is divided by the
-                # factor the passes were multiplied by, never below --lr.
-                ilr = max(self.tc.lr, self.tc.interaction_lr * self.tc.num_epochs / epochs)
-                log.info("min_train_samples: --interaction_lr %g -> %g for %d passes",
-                         self.tc.interaction_lr, ilr, epochs)
-                self.tc.interaction_lr = ilr
-            self.tc.num_epochs = epochs
+        if rows:
+            self._fit_passes_to_small_data(rows)
         epoch_steps = None if rows is None else max(1, math.ceil(rows / self.tc.batch_size))
         self.dense_params = list(model.dense_parameters())
         self.dense_opt, self.sparse_opt, self.schedulers = build_optimizers(
@@ -159,6 +147,26 @@ class Trainer:
         self._last_validated: Optional[Tuple[int, Dict[str, float], bool]] = None
         self._epoch_sums: Dict[str, torch.Tensor] = {}
         self._resume_rng: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ small data
+    def _fit_passes_to_small_data(self, rows: int) -> None:
+        """``--min_train_samples``: small data gets more passes, and the explicit interactions
+        a rate slowed by the same factor (both recorded in train_config.json)."""
+        tc = self.tc
+        if tc.min_train_samples <= rows * tc.num_epochs:
+            return
+        epochs = math.ceil(tc.min_train_samples / rows)
+        log.info("min_train_samples %d: %d training rows, num_epochs %d -> %d",
+                 tc.min_train_samples, rows, tc.num_epochs, epochs)
+        if tc.interaction_lr > tc.lr:
+            # Repeated rows: at its own high rate the explicit cross memorises them within two
+            # or three passes (README "Small data"), so its rate is divided by the factor the
+            # passes were multiplied by, never below --lr.
+            ilr = max(tc.lr, tc.interaction_lr * tc.num_epochs / epochs)
+            log.info("min_train_samples: --interaction_lr %g -> %g for %d passes",
+                     tc.interaction_lr, ilr, epochs)
+            tc.interaction_lr = ilr
+        tc.num_epochs = epochs
 
     # ------------------------------------------------------------------ one step
     def _new_average(self) -> AveragedModel:
