@@ -79,11 +79,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "baseline": dict(SEED_PRESET, experiment_name="official_baseline", use_abs_time_emb=False,
                      time_zone_offset_hours=0.0, use_user_activity_dense=False,
                      use_pair_62_66=False, use_bf16_train=False, num_epochs=999, patience=5),
-    # Issue 17: the seed plus explicit user x item interactions trained at their own rate
-    # (README "Recommended configuration" has the runner's figures against the seed's).
+    # Issue 17: the seed plus explicit user x item interactions trained at their own rate,
+    # and more passes below 60,000 training rows (README "Ablations and the recommended
+    # configuration" and "Small data and learning curves" have the runner's figures).
     "recommended": dict(SEED_PRESET, experiment_name="recommended_seed_interactions",
                         use_field_cross=True, use_pair_target_attn=True,
-                        use_history_fields=True, interaction_lr=3e-3),
+                        use_history_fields=True, interaction_lr=3e-3,
+                        min_train_samples=60000),
 }
 
 
@@ -257,17 +259,18 @@ class TrainConfig:
     min_train_samples: int = flag(0, "small data: raise num_epochs until num_epochs x training "
                                   "rows >= this (validating after each epoch, early "
                                   "stopping by --patience, the best checkpoint kept; "
-                                  "--interaction_lr divided by the same factor, not below "
-                                  "--lr); 0 = off")
+                                  "from the second pass on, --interaction_lr divided by the "
+                                  "same factor, not below --lr); 0 = off")
     patience: int = flag(5, "stop after this many validations without a better AUC "
                          "(0 = run every epoch)")
     seed: int = flag(42, "random seed")
     device: str = flag("auto", "device: auto (cuda when available), cpu, cuda or cuda:N")
     num_workers: int = flag(16, "DataLoader workers (training, validation and inference)")
     buffer_batches: int = flag(20, "shuffle buffer, in batches")
-    train_ratio: float = flag(1.0, "fraction of the training row groups to use (never moves "
+    train_ratio: float = flag(1.0, "fraction of the training rows to use, the head (never moves "
                               "rows into validation)")
-    valid_ratio: float = flag(0.1, "fraction of row groups (the tail) used for validation")
+    valid_ratio: float = flag(0.1, "fraction of the rows (the tail, cutting a row group where "
+                              "needed) used for validation")
     eval_every_n_steps: int = flag(0, "also validate every N steps (0 = at epoch end only)")
     save_every_n_steps: int = flag(0, "also save a resumable checkpoint every N steps, without "
                                    "validating (0 = at validations only)")
@@ -318,7 +321,8 @@ class TrainConfig:
     experiment_name: str = flag("baseline", "recorded in train_config.json")
     preset: str = flag("", "start from a named configuration (PRESETS: 'seed' = run.sh, "
                        "'baseline' = the official baseline, 'recommended' = the seed with the "
-                       "explicit interactions of issue 17); flags given explicitly win",
+                       "explicit interactions of issue 17 and more passes on small data); "
+                       "flags given explicitly win",
                        choices=("",) + tuple(sorted(PRESETS)))
 
 

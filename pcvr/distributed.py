@@ -160,6 +160,15 @@ class GradientSync:
         return torch.sparse_coo_tensor(indices, values, grad.shape).coalesce()
 
 
+def broadcast_from_first(tensors: Sequence[torch.Tensor]) -> None:
+    """Overwrites ``tensors`` on every rank with rank 0's values, in place (nothing in one
+    process). For state drawn from the random generators, whose streams differ between ranks
+    once the ranks have read different numbers of rows."""
+    if active():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
 def gather_arrays(arrays: Sequence[np.ndarray]) -> List[np.ndarray]:
     """Each array concatenated over all ranks, in rank order (the arrays themselves in one
     process)."""

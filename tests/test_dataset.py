@@ -699,31 +699,45 @@ def tiny(tmp_path_factory):
     return folder
 
 
-def test_split_tail_row_groups_and_train_ratio(tiny):
+def test_split_takes_the_tail_rows_cutting_a_row_group(tiny):
+    # 57 rows in groups of 6, 6, 6, 6 | 6, 6, 6, 6 | 6, 3: the tail ceil(0.2 * 57) = 12 rows
+    # are the last two groups and half of the one before (the reference's int(0.2 * 10) = 2
+    # whole groups would hold 9 rows).
     train, valid, _, info = load(tiny, valid_ratio=0.2)
-    assert (info["row_groups"], info["train_row_groups"], info["valid_row_groups"]) == (10, 8, 2)
-    assert sorted(user_ids(valid)) == list(range(48, 57))  # the tail row groups
-    assert sorted(user_ids(train)) == list(range(48))
+    assert (info["train_rows"], info["valid_rows"]) == (45, 12)
+    assert (info["train_row_groups"], info["valid_row_groups"]) == (8, 3)
+    assert sorted(user_ids(valid)) == list(range(45, 57))
+    assert sorted(user_ids(train)) == list(range(45))
     half, valid_half, _, info_half = load(tiny, valid_ratio=0.2, train_ratio=0.5)
-    assert sorted(user_ids(half)) == list(range(24)) and info_half["train_rows"] == 24
-    assert sorted(user_ids(valid_half)) == list(range(48, 57))  # unused rows stay out
+    assert sorted(user_ids(half)) == list(range(22)) and info_half["train_rows"] == 22
+    assert sorted(user_ids(valid_half)) == list(range(45, 57))  # unused rows stay out
     none_train, none_valid, _, _ = load(tiny, valid_ratio=0.0)
     assert none_valid is None and sorted(user_ids(none_train)) == list(range(57))
+
+
+def test_short_last_row_group_does_not_shrink_validation(tmp_path):
+    # Demo folders end in a short remainder group; the reference kept only it for validation.
+    write_dataset(str(tmp_path), [tiny_table(range(41))], TINY_SCHEMA, rows_per_group=10)
+    train, valid, _, info = load(tmp_path, valid_ratio=0.1)
+    assert (info["row_groups"], info["valid_rows"]) == (5, 5)
+    assert sorted(user_ids(valid)) == list(range(36, 41))
+    assert sorted(user_ids(train)) == list(range(36))
 
 
 def test_single_row_group_splits_rows(tmp_path):
     write_dataset(str(tmp_path), [tiny_table(range(10))], TINY_SCHEMA)
     train, valid, _, info = load(tmp_path, valid_ratio=0.25)
-    assert info["split"] == "rows" and (info["train_rows"], info["valid_rows"]) == (7, 3)
+    assert (info["train_rows"], info["valid_rows"]) == (7, 3)
     assert sorted(user_ids(train)) == list(range(7)) and user_ids(valid) == [7, 8, 9]
     half, valid_half, _, _ = load(tmp_path, valid_ratio=0.25, train_ratio=0.5)
     assert sorted(user_ids(half)) == [0, 1, 2] and user_ids(valid_half) == [7, 8, 9]
     for train_ratio, valid_ratio in ((0.0, 0.1), (1.5, 0.1), (1.0, 1.0), (1.0, -0.1)):
         with pytest.raises(ValueError, match="_ratio must be in"):
             load(tmp_path, train_ratio=train_ratio, valid_ratio=valid_ratio)
+    one_row = files.scan_parquet(files.list_parquet_files(str(tmp_path)), {})[0]
+    one_row = [files.RowGroupSlice(one_row[0].path, 0, 0, 1)]
     with pytest.raises(DataError, match="too few"):
-        split_row_groups(files.scan_parquet(
-            files.list_parquet_files(str(tmp_path)), {})[0][:1], 1.0, 0.95)
+        split_row_groups(one_row, 1.0, 0.5)
 
 
 def test_shuffle_keeps_rows_aligned_and_batches_full(tiny):

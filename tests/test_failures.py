@@ -89,7 +89,9 @@ def test_a_single_class_validation_split_warns_and_records_the_last_checkpoint(
     write_dataset(str(tmp_path / "d"), [table.slice(0, 40), with_labels(table.slice(40), 1)],
                   TINY_SCHEMA, rows_per_group=8)
     with caplog.at_level(logging.INFO):
-        result = run_train(tmp_path / "d", tmp_path / "ck", "--num_epochs", "2")
+        # the last ceil(0.16 * 48) = 8 rows validate: the all-positive group
+        result = run_train(tmp_path / "d", tmp_path / "ck", "--num_epochs", "2",
+                           "--valid_ratio", "0.16")
     assert "labels: train 14 positive / 26 negative, valid 0 positive / 8 negative" \
         in caplog.text
     assert "validation split has a single class" in caplog.text

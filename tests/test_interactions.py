@@ -129,7 +129,8 @@ def test_emb_min_count_model_counts_in_training_and_keeps_the_counts_in_its_stat
 
 
 class _FortyRows(list):
-    """A training loader stand-in that reports 40 rows (the trainer reads only that)."""
+    """A training loader stand-in of one 4-row batch that reports 40 rows (the number
+    --min_train_samples reads)."""
     num_rows = 40
 
 
@@ -138,7 +139,7 @@ def _trainer_on_forty_rows(model, samples: int, *flags: str):
     from pcvr.training.trainer import Trainer
     cfg = parse_config(["--num_epochs", "1", "--min_train_samples", str(samples), *flags],
                        environ={})
-    return Trainer(model, cfg, _FortyRows(), None, torch.device("cpu"))
+    return Trainer(model, cfg, _FortyRows([make_batch()]), None, torch.device("cpu"))
 
 
 def test_min_train_samples_raises_the_epochs_of_small_data_only():
@@ -148,13 +149,20 @@ def test_min_train_samples_raises_the_epochs_of_small_data_only():
         assert trainer.tc.num_epochs == epochs
 
 
-def test_min_train_samples_slows_the_interactions_by_the_added_passes():
+def test_min_train_samples_slows_the_interactions_after_the_first_pass_only():
     model = make_model(make_cfg(use_field_cross=True))
-    for samples, ilr in ((0, 3e-3), (40, 3e-3), (160, 7.5e-4), (4000, 1e-4)):
+    for samples, later in ((0, 3e-3), (40, 3e-3), (160, 7.5e-4), (4000, 1e-4)):
         trainer = _trainer_on_forty_rows(model, samples, "--lr", "1e-4",
-                                         "--interaction_lr", "3e-3")
-        assert trainer.tc.interaction_lr == pytest.approx(ilr)
-        assert trainer.dense_opt.param_groups[-1]["lr"] == pytest.approx(ilr)
+                                         "--interaction_lr", "3e-3", "--lr_schedule", "cosine")
+        # the first pass is the one-pass run: full rate, flag unchanged in train_config.json
+        assert trainer.tc.interaction_lr == pytest.approx(3e-3)
+        assert trainer.dense_opt.param_groups[1]["lr"] == pytest.approx(3e-3)
+        trainer.train()  # one batch a pass, no validation: every pass runs
+        assert trainer.position.epoch == trainer.tc.num_epochs
+        assert trainer.schedulers[0].base_lrs == pytest.approx([1e-4, later])
+        # the cosine factor of the current step still applies on top
+        factor = trainer.schedulers[0].lr_lambdas[1](trainer.schedulers[0].last_epoch)
+        assert trainer.dense_opt.param_groups[1]["lr"] == pytest.approx(later * factor)
 
 
 def test_swa_is_the_equal_weight_average_of_every_kth_step():

@@ -15,11 +15,13 @@ from pcvr import checkpoint
 from pcvr.errors import CheckpointError, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# EMA from the first epoch and the sparse re-initialisation between epochs: every piece of
-# state a resume must restore is in play.
+# EMA from the first epoch, the sparse re-initialisation between epochs and, through
+# --min_train_samples (3 passes of the 160 training rows), the interactions' rate that drops
+# after the first pass: every piece of state a resume must restore is in play.
 BASE = TINY_MODEL_FLAGS + ["--batch_size", "8", "--valid_ratio", "0.2", "--num_epochs", "3"]
 RUN = BASE + ["--ema_decay", "0.9", "--ema_start_epoch", "1", "--save_every_n_steps", "3",
-              "--dropout_rate", "0.1", "--seed", "5"]
+              "--dropout_rate", "0.1", "--seed", "5", "--num_epochs", "1",
+              "--min_train_samples", "480", "--use_field_cross", "--interaction_lr", "3e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(data, tmp_path
     assert_same(weights, weights_cut, "model.pt")
     assert_same(state, state_cut)  # optimisers, schedulers, EMA, early stopping, history
     assert state["result"]["history"][-1]["auc"] == state_cut["result"]["history"][-1]["auc"]
+    assert state["schedulers"][0]["base_lrs"][1] == pytest.approx(1e-3)  # 3e-3 / 3 passes
 
 
 def test_keep_last_prunes_all_but_the_newest_and_the_best(data, tmp_path):

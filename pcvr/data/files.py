@@ -144,11 +144,13 @@ def scan_parquet(files: Sequence[str], columns: Mapping[str, str],
 
 def split_row_groups(slices: Sequence[RowGroupSlice], train_ratio: float, valid_ratio: float
                      ) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
-    """(train, valid): the tail row groups are validation.
+    """(train, valid) by rows: validation is the tail ``ceil(valid_ratio * rows)`` rows.
 
-    ``n_valid = max(1, int(n * valid_ratio))`` row groups; with a single row group the last
-    ``ceil(valid_ratio * rows)`` rows instead. ``train_ratio < 1`` keeps the head fraction of
-    the training row groups (of the training rows when there is one) and drops the rest.
+    The reference took ``int(valid_ratio * row groups)`` whole row groups, which is the same
+    on evenly sized groups but wrong on a short last group (a 50,000-row demo folder kept 212
+    validation rows) and empty on a single group. A boundary inside a row group splits it.
+    ``train_ratio < 1`` keeps the head ``max(1, int(train_ratio * train rows))`` training rows
+    and drops the rest (never into validation).
     """
     if not 0.0 < train_ratio <= 1.0:
         raise ConfigError(f"train_ratio must be in (0, 1], got {train_ratio}")
@@ -156,30 +158,31 @@ def split_row_groups(slices: Sequence[RowGroupSlice], train_ratio: float, valid_
         raise ConfigError(f"valid_ratio must be in [0, 1), got {valid_ratio}")
     if not slices:
         raise DataError("the parquet files hold no rows")
-    train, valid = list(slices), []
-    if valid_ratio > 0 and len(slices) == 1:
-        train, valid = _split_rows(slices[0], math.ceil(valid_ratio * slices[0].num_rows))
-    elif valid_ratio > 0:
-        n_valid = max(1, int(len(slices) * valid_ratio))
-        train, valid = train[:-n_valid], train[-n_valid:]
+    total = sum(s.num_rows for s in slices)
+    n_valid = math.ceil(valid_ratio * total)
+    if n_valid >= total:
+        raise DataError(f"{slices[0].path}: the parquet files hold {total} rows, too few to "
+                        f"keep {n_valid} for validation and still train")
+    train, valid = _cut_rows(slices, total - n_valid)
     if train_ratio < 1.0:
-        if len(train) == 1:
-            keep = max(1, int(train[0].num_rows * train_ratio))
-            train = _split_rows(train[0], train[0].num_rows - keep)[0]
-        else:
-            train = train[:max(1, int(len(train) * train_ratio))]
+        train = _cut_rows(train, max(1, int((total - n_valid) * train_ratio)))[0]
     return train, valid
 
 
-def _split_rows(rg: RowGroupSlice, n_tail: int
-                ) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
-    """([head], [tail]) of one row group, the tail holding ``n_tail`` rows."""
-    if n_tail >= rg.num_rows:
-        raise DataError(f"{rg.path}: row group {rg.row_group} has {rg.num_rows} rows, too "
-                        f"few to keep {n_tail} for validation and still train")
-    cut = rg.stop - n_tail
-    return [RowGroupSlice(rg.path, rg.row_group, rg.start, cut)], \
-        [RowGroupSlice(rg.path, rg.row_group, cut, rg.stop)]
+def _cut_rows(slices: Sequence[RowGroupSlice], n_head: int
+              ) -> Tuple[List[RowGroupSlice], List[RowGroupSlice]]:
+    """(head, tail) of ``slices``, the head holding the first ``n_head`` rows."""
+    head: List[RowGroupSlice] = []
+    for i, rg in enumerate(slices):
+        if n_head <= 0:
+            return head, list(slices[i:])
+        if rg.num_rows > n_head:
+            cut = rg.start + n_head
+            return (head + [RowGroupSlice(rg.path, rg.row_group, rg.start, cut)],
+                    [RowGroupSlice(rg.path, rg.row_group, cut, rg.stop)] + list(slices[i + 1:]))
+        head.append(rg)
+        n_head -= rg.num_rows
+    return head, []
 
 
 # ----------------------------------------------------------------------------- labels

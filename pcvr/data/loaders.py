@@ -73,8 +73,8 @@ def get_pcvr_data(data_dir: str, layout: FeatureLayout, data_cfg: DataConfig, tc
     Returns:
         (train loader, validation loader or None when ``valid_ratio == 0``, info); ``info``
         has ``files``, ``row_groups``, ``rows``, ``train_row_groups``, ``train_rows``,
-        ``valid_row_groups``, ``valid_rows`` and ``split`` ('row_groups' or 'rows', the
-        latter for a single row group).
+        ``valid_row_groups`` and ``valid_rows`` (a row group cut by the split counts on
+        both sides).
     """
     files = list_parquet_files(data_dir)
     row_groups, _ = scan_parquet(files, required_columns(layout, read_labels=True))
@@ -91,12 +91,11 @@ def get_pcvr_data(data_dir: str, layout: FeatureLayout, data_cfg: DataConfig, tc
         "train_rows": train_ds.num_rows,
         "valid_row_groups": len(valid),
         "valid_rows": valid_ds.num_rows if valid_ds is not None else 0,
-        "split": "rows" if len(row_groups) == 1 and valid else "row_groups",
     }
     log.info("data: %d file(s), %d row groups, %d rows; train %d rows (%d row groups), "
-             "valid %d rows (%d row groups), split by %s", len(files), info["row_groups"],
+             "valid %d rows (%d row groups)", len(files), info["row_groups"],
              info["rows"], info["train_rows"], info["train_row_groups"], info["valid_rows"],
-             info["valid_row_groups"], info["split"])
+             info["valid_row_groups"])
     return (make_loader(train_ds, tc.num_workers, pin_memory),
             make_loader(valid_ds, tc.num_workers, pin_memory) if valid_ds is not None else None,
             info)

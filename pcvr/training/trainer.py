@@ -112,12 +112,23 @@ class Trainer:
         self.train_loader, self.valid_loader, self.device = train_loader, valid_loader, device
         self.checkpoints, self.writer = checkpoints, writer
         rows = getattr(train_loader, "num_rows", None)
-        if rows:
-            self._fit_passes_to_small_data(rows)
+        added = self._fit_passes_to_small_data(rows) if rows else 1
         epoch_steps = None if rows is None else max(1, math.ceil(rows / self.tc.batch_size))
         self.dense_params = list(model.dense_parameters())
         self.dense_opt, self.sparse_opt, self.schedulers = build_optimizers(
             model, self.tc, epoch_steps)
+        # The explicit interactions' rate from the second pass on (None: unchanged); with two
+        # AdamW groups only, the second being theirs (optim.dense_groups).
+        self.repeat_interaction_lr: Optional[float] = None
+        if added > 1 and self.tc.interaction_lr > self.tc.lr \
+                and len(self.dense_opt.param_groups) == 2:
+            # Repeated rows: at its own high rate the explicit cross memorises them within two
+            # or three passes (README "Small data"), so its rate is divided by the factor the
+            # passes were multiplied by, never below --lr. The first pass keeps the full rate,
+            # so that it is the one-pass model and early stopping can only improve on it.
+            self.repeat_interaction_lr = max(self.tc.lr, self.tc.interaction_lr / added)
+            log.info("min_train_samples: --interaction_lr %g for the first pass, %g after it",
+                     self.tc.interaction_lr, self.repeat_interaction_lr)
         self.grad_sync = (distributed.GradientSync(self.dense_params,
                                                    list(model.sparse_parameters()))
                           if distributed.active() else None)
@@ -149,24 +160,26 @@ class Trainer:
         self._resume_rng: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ small data
-    def _fit_passes_to_small_data(self, rows: int) -> None:
-        """``--min_train_samples``: small data gets more passes, and the explicit interactions
-        a rate slowed by the same factor (both recorded in train_config.json)."""
+    def _fit_passes_to_small_data(self, rows: int) -> float:
+        """``--min_train_samples``: small data gets more passes (recorded in
+        train_config.json); returns the factor the passes were multiplied by (1: none)."""
         tc = self.tc
         if tc.min_train_samples <= rows * tc.num_epochs:
-            return
+            return 1.0
         epochs = math.ceil(tc.min_train_samples / rows)
         log.info("min_train_samples %d: %d training rows, num_epochs %d -> %d",
                  tc.min_train_samples, rows, tc.num_epochs, epochs)
-        if tc.interaction_lr > tc.lr:
-            # Repeated rows: at its own high rate the explicit cross memorises them within two
-            # or three passes (README "Small data"), so its rate is divided by the factor the
-            # passes were multiplied by, never below --lr.
-            ilr = max(tc.lr, tc.interaction_lr * tc.num_epochs / epochs)
-            log.info("min_train_samples: --interaction_lr %g -> %g for %d passes",
-                     tc.interaction_lr, ilr, epochs)
-            tc.interaction_lr = ilr
-        tc.num_epochs = epochs
+        added, tc.num_epochs = epochs / tc.num_epochs, epochs
+        return added
+
+    def _slow_repeated_interactions(self) -> None:
+        """From the second pass on: the interactions' group at ``repeat_interaction_lr``
+        (idempotent; a resumed scheduler already holds it)."""
+        scheduler, group = self.schedulers[0], self.dense_opt.param_groups[1]
+        if scheduler.base_lrs[1] != self.repeat_interaction_lr:
+            scheduler.base_lrs[1] = self.repeat_interaction_lr
+            group["lr"] = self.repeat_interaction_lr \
+                * scheduler.lr_lambdas[1](scheduler.last_epoch)
 
     # ------------------------------------------------------------------ one step
     def _new_average(self) -> AveragedModel:
@@ -365,6 +378,9 @@ class Trainer:
     def _reinit_sparse(self, epoch: int) -> None:
         """MultiEpoch trick: fresh high-cardinality tables with a fresh Adagrad accumulator."""
         params = self.model.reinit_high_cardinality_params(self.tc.reinit_cardinality_threshold)
+        # Each rank drew from its own generator: without this the ranks' tables, and so
+        # their models, part ways from the second epoch on.
+        distributed.broadcast_from_first(params)
         if self.sparse_opt is not None:
             for p in params:
                 state = self.sparse_opt.state.get(p)
@@ -474,6 +490,8 @@ class Trainer:
                     break
                 if 0 < tc.reinit_sparse_after_epoch <= p.epoch < tc.num_epochs:
                     self._reinit_sparse(p.epoch)
+                if self.repeat_interaction_lr is not None:
+                    self._slow_repeated_interactions()
                 self.position = Position(p.epoch + 1)
                 self._epoch_sums = {}
                 continue
