@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # EMA from the first epoch, the sparse re-initialisation between epochs and, through
 # --min_train_samples (3 passes of the 160 training rows), the interactions' rate that drops
 # after the first pass: every piece of state a resume must restore is in play.
-BASE = TINY_MODEL_FLAGS + ["--batch_size", "8", "--valid_ratio", "0.2", "--num_epochs", "3"]
+BASE = TINY_MODEL_FLAGS + ["--batch_size", "8", "--valid_ratio", "0.2"]
 RUN = BASE + ["--ema_decay", "0.9", "--ema_start_epoch", "1", "--save_every_n_steps", "3",
               "--dropout_rate", "0.1", "--seed", "5", "--num_epochs", "1",
               "--min_train_samples", "480", "--use_field_cross", "--interaction_lr", "3e-3"]

@@ -174,12 +174,11 @@ class Trainer:
 
     def _slow_repeated_interactions(self) -> None:
         """From the second pass on: the interactions' group at ``repeat_interaction_lr``
-        (idempotent; a resumed scheduler already holds it)."""
-        scheduler, group = self.schedulers[0], self.dense_opt.param_groups[1]
-        if scheduler.base_lrs[1] != self.repeat_interaction_lr:
-            scheduler.base_lrs[1] = self.repeat_interaction_lr
-            group["lr"] = self.repeat_interaction_lr \
-                * scheduler.lr_lambdas[1](scheduler.last_epoch)
+        (idempotent: the group's rate is what the scheduler itself would set)."""
+        scheduler = self.schedulers[0]
+        scheduler.base_lrs[1] = self.repeat_interaction_lr
+        self.dense_opt.param_groups[1]["lr"] = \
+            self.repeat_interaction_lr * scheduler.lr_lambdas[1](scheduler.last_epoch)
 
     # ------------------------------------------------------------------ one step
     def _new_average(self) -> AveragedModel:
